@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Install everything hvdtrain needs: OpenMPI, a venv with PyTorch/TensorFlow, and a
+# Horovod 0.28.1 wheel built from the PyPI sdist with hvdtrain's source fixes.
+# Idempotent: a second run reuses the venv and the cached Horovod wheel.
+# `make setup`, CI and the Apptainer %post all run this script.
+#
+# Variables (all optional):
+#   HVDTRAIN_VENV           venv to create/use                  (default: <repo>/.venv)
+#   HVDTRAIN_CACHE          where built Horovod wheels are kept  (default: ~/.cache/hvdtrain)
+#   HVDTRAIN_TORCH_SPEC     pip spec for PyTorch                 (default: torch==2.13.0, the CPU build)
+#                           set to "keep" to use the torch already importable in the venv
+#                           (e.g. a CUDA build on a GPU cluster, or a container's system torch
+#                           with HVDTRAIN_VENV_SYSTEM_SITE=1)
+#   HVDTRAIN_TF_SPEC        pip spec for TensorFlow  (default: tensorflow-cpu==2.21.0; "keep" as above)
+#   HVDTRAIN_VENV_SYSTEM_SITE=1  create the venv with --system-site-packages (NGC containers)
+#   HOROVOD_GPU_OPERATIONS  NCCL on GPU clusters: builds Horovod with NCCL allreduce/allgather/broadcast
+#                           (needs nvcc and NCCL; HOROVOD_NCCL_HOME if NCCL is not in a default path)
+#   HVDTRAIN_SKIP_APT=1     never call apt-get (OpenMPI must already be installed)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HVDTRAIN_VENV:-$REPO/.venv}"
+CACHE="${HVDTRAIN_CACHE:-$HOME/.cache/hvdtrain}"
+TORCH_SPEC="${HVDTRAIN_TORCH_SPEC:-torch==2.13.0}"
+TF_SPEC="${HVDTRAIN_TF_SPEC:-tensorflow-cpu==2.21.0}"
+TF_KERAS_SPEC="tf-keras==2.21.0"
+HOROVOD_VERSION="0.28.1"
+
+log() { echo "[setup] $*"; }
+die() { echo "[setup] error: $*" >&2; exit 1; }
+
+apt_install() {
+    [ "${HVDTRAIN_SKIP_APT:-0}" = 1 ] && die "missing system packages ($*) and HVDTRAIN_SKIP_APT=1"
+    command -v apt-get >/dev/null || die "missing system packages ($*) and no apt-get: install them by hand"
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    log "apt-get install $*"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+# 1. System packages: OpenMPI for Horovod's MPI controller and mpi4py; Debian's cmake (3.x) for the build.
+need=()
+command -v mpicc >/dev/null || need+=(libopenmpi-dev openmpi-bin)
+[ -x /usr/bin/cmake ] || need+=(cmake)
+[ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
+
+# 2. The venv and the Python stack.
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating venv $VENV"
+    venv_flags=()
+    [ "${HVDTRAIN_VENV_SYSTEM_SITE:-0}" = 1 ] && venv_flags+=(--system-site-packages)
+    python3 -m venv "${venv_flags[@]}" "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+# A pip-installed cmake 4.x in the venv would shadow Debian's and break the bundled gloo.
+"$PY" -m pip uninstall -y -q cmake >/dev/null 2>&1 || true
+
+framework_specs=()
+[ "$TORCH_SPEC" = keep ] || framework_specs+=("$TORCH_SPEC")
+[ "$TF_SPEC" = keep ] || framework_specs+=("$TF_SPEC" "$TF_KERAS_SPEC")
+log "installing frameworks and hvdtrain (editable)"
+"${PIP[@]}" setuptools wheel "${framework_specs[@]}"
+"${PIP[@]}" -e "$REPO[dev]"
+
+versions="$("$PY" - <<'PY'
+import sys, torch, tensorflow as tf
+print(f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-tf{tf.__version__}")
+PY
+)"
+
+# 3. Horovod: reuse the cached wheel keyed by versions, GPU ops and the patch itself.
+patch_hash="$(sha256sum "$REPO/scripts/patch_horovod.py" | cut -c1-12)"
+key="horovod${HOROVOD_VERSION}-${versions}-${HOROVOD_GPU_OPERATIONS:-cpu}-patch${patch_hash}"
+key="${key//+/_}"
+wheel_dir="$CACHE/wheels/$key"
+stamp="$VENV/.horovod-build-key"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
+    log "Horovod $key already installed"
+else
+    if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+        log "building Horovod $HOROVOD_VERSION ($key); this takes about 10 minutes on 2 cores"
+        build="$(mktemp -d)"
+        trap 'rm -rf "$build"' EXIT
+        "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$build"
+        tar -xzf "$build/horovod-$HOROVOD_VERSION.tar.gz" -C "$build"
+        src="$build/horovod-$HOROVOD_VERSION"
+        "$PY" "$REPO/scripts/patch_horovod.py" "$src"
+        mkdir -p "$build/wheel"
+        (
+            cd "$src"
+            export PATH="/usr/bin:$PATH"  # Debian's cmake before any other
+            export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+            export HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+            export MAKEFLAGS="-j$(nproc)"
+            "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$build/wheel" . \
+                > "$build/build.log" 2>&1 || { tail -40 "$build/build.log" >&2; die "Horovod build failed (log above)"; }
+        )
+        mkdir -p "$wheel_dir"
+        # Publish atomically so a killed build never leaves a half-written wheel in the cache.
+        for whl in "$build"/wheel/horovod-*.whl; do
+            cp "$whl" "$wheel_dir/.tmp.$(basename "$whl")"
+            sync "$wheel_dir/.tmp.$(basename "$whl")"
+            mv "$wheel_dir/.tmp.$(basename "$whl")" "$wheel_dir/$(basename "$whl")"
+        done
+    else
+        log "using cached Horovod wheel from $wheel_dir"
+    fi
+    "${PIP[@]}" --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+    # Horovod's runtime deps (cloudpickle, psutil, pyyaml, packaging) without touching the frameworks.
+    "${PIP[@]}" cloudpickle psutil pyyaml packaging
+    echo "$key" > "$stamp"
+fi
+
+# 4. Prove the build has every piece hvdtrain uses.
+check="$("$VENV/bin/horovodrun" --check-build)"
+echo "$check"
+for part in PyTorch TensorFlow MPI Gloo; do
+    echo "$check" | grep -q "\[X\] $part" || die "Horovod was built without $part (see --check-build above)"
+done
+if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
+    echo "$check" | grep -q "\[X\] NCCL" || die "HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS but Horovod has no NCCL"
+fi
+log "ready: $VENV"

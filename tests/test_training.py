@@ -1,0 +1,71 @@
+"""PyTorch training under real Horovod ranks (horovodrun over Gloo and MPI)."""
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, hvdtrain
+
+CONFIG = str(REPO / "configs/digits-torch.yaml")
+# Plain SGD settings that make 2 ranks x batch b comparable with 1 rank x batch 2b.
+EXACT = ["model.name=mlp", "model.width=32", "train.scale_lr=false", "train.warmup_steps=0",
+         "train.schedule=constant", "train.lr=0.1", "train.log_every=5"]
+
+
+def final_weights(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    state = torch.load(summary["checkpoint"], weights_only=True)
+    return summary, state["model"]
+
+
+def assert_same_weights(a, b, tol=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=tol, rtol=0), \
+            f"{name}: max difference {(a[name] - b[name]).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_two_ranks_equal_one_rank_with_double_batch(controller, tmp_path):
+    steps = "train.max_steps=30"
+    hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path / "np2"),
+             *EXACT, "train.batch_size=8", steps, np=2, controller=controller)
+    hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path / "np1"),
+             *EXACT, "train.batch_size=16", steps)
+    summary2, weights2 = final_weights(tmp_path / "np2")
+    summary1, weights1 = final_weights(tmp_path / "np1")
+    assert summary2["world_size"] == 2 and summary1["world_size"] == 1
+    assert summary2["steps"] == summary1["steps"] == 30
+    assert summary2["global_batch"] == summary1["global_batch"] == 16
+    assert summary2["weights_identical"], summary2["weights_digests"]
+    assert_same_weights(weights2, weights1)
+    # Metrics are global: the test set is scored once across the ranks, whatever their number.
+    assert summary2["final"]["test_accuracy"] == pytest.approx(summary1["final"]["test_accuracy"], abs=1 / 360)
+
+
+def test_resume_equals_a_straight_run(tmp_path):
+    common = ["--config", CONFIG, *EXACT, "train.schedule=cosine", "train.warmup_steps=5",
+              "train.batch_size=16", "checkpoint.every_steps=7"]
+    # 44 steps per epoch at np=2: stopping at 30 resumes mid-epoch, inside the data order.
+    hvdtrain("train", "--run-dir", str(tmp_path / "split"), *common, "train.max_steps=30", np=2,
+             controller="mpi")
+    resumed = hvdtrain("train", "--run-dir", str(tmp_path / "split"), *common, "train.max_steps=60",
+                       "--resume", "auto", np=2, controller="mpi")
+    hvdtrain("train", "--run-dir", str(tmp_path / "straight"), *common, "train.max_steps=60", np=2,
+             controller="mpi")
+    summary, resumed_weights = final_weights(tmp_path / "split")
+    _, straight_weights = final_weights(tmp_path / "straight")
+    assert summary["resumed_from"].endswith("ckpt-00000030.pt"), resumed.stdout
+    assert_same_weights(resumed_weights, straight_weights, tol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after resume"
+    kept = sorted(p.name for p in (tmp_path / "split/checkpoints").iterdir())
+    assert kept == ["ckpt-00000049.pt", "ckpt-00000056.pt", "ckpt-00000060.pt"]
+
+
+def test_fresh_run_refuses_a_used_run_dir(tmp_path):
+    args = ["train", "--config", CONFIG, "--run-dir", str(tmp_path), *EXACT, "train.max_steps=3"]
+    hvdtrain(*args)
+    proc = hvdtrain(*args, "--resume", "none", np=2, check=False)
+    assert proc.returncode != 0
+    assert "holds checkpoints of an earlier run" in proc.stdout + proc.stderr
