@@ -4,6 +4,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 export PATH="$REPO/.venv/bin:$PATH"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"  # horovodrun imports TensorFlow to list frameworks
 NP="${NP:-2}"
 MIN_ACCURACY="${MIN_ACCURACY:-0.97}"
 RUN_DIR="${RUN_DIR:-runs/digits-torch-$(date +%Y%m%d-%H%M%S)}"

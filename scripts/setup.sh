@@ -52,18 +52,25 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "${venv_flags[@]}" "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q --disable-pip-version-check)
+pip_install() {
+    # This machine's pip config lists local indexes that may be absent; their warnings are noise.
+    local status=0
+    "$PY" -m pip install -q --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither" >&2) || status=$?
+    return "$status"
+}
 # A pip-installed cmake 4.x in the venv would shadow Debian's and break the bundled gloo.
 "$PY" -m pip uninstall -y -q cmake >/dev/null 2>&1 || true
 
 framework_specs=()
-[ "$TORCH_SPEC" = keep ] || framework_specs+=("$TORCH_SPEC")
-[ "$TF_SPEC" = keep ] || framework_specs+=("$TF_SPEC" "$TF_KERAS_SPEC")
+# Unquoted on purpose: a spec may carry pip options (--index-url ...).
+[ "$TORCH_SPEC" = keep ] || framework_specs+=($TORCH_SPEC)
+[ "$TF_SPEC" = keep ] || framework_specs+=($TF_SPEC "$TF_KERAS_SPEC")
 log "installing frameworks and hvdtrain (editable)"
-"${PIP[@]}" setuptools wheel "${framework_specs[@]}"
-"${PIP[@]}" -e "$REPO[dev]"
+pip_install setuptools wheel "${framework_specs[@]}"
+pip_install -e "$REPO[dev]"
 
-versions="$("$PY" - <<'PY'
+versions="$(TF_CPP_MIN_LOG_LEVEL=3 "$PY" - 2>/dev/null <<'PY'
 import sys, torch, tensorflow as tf
 print(f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-tf{tf.__version__}")
 PY
@@ -107,14 +114,14 @@ else
     else
         log "using cached Horovod wheel from $wheel_dir"
     fi
-    "${PIP[@]}" --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+    pip_install --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
     # Horovod's runtime deps (cloudpickle, psutil, pyyaml, packaging) without touching the frameworks.
-    "${PIP[@]}" cloudpickle psutil pyyaml packaging
+    pip_install cloudpickle psutil pyyaml packaging
     echo "$key" > "$stamp"
 fi
 
 # 4. Prove the build has every piece hvdtrain uses.
-check="$("$VENV/bin/horovodrun" --check-build)"
+check="$(TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/horovodrun" --check-build 2>/dev/null)"
 echo "$check"
 for part in PyTorch TensorFlow MPI Gloo; do
     echo "$check" | grep -q "\[X\] $part" || die "Horovod was built without $part (see --check-build above)"

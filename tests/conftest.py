@@ -15,6 +15,7 @@ BIN = Path(sys.executable).parent
 def env() -> dict[str, str]:
     run_env = dict(os.environ)
     run_env["PATH"] = f"{BIN}:{run_env.get('PATH', '')}"
+    run_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     run_env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     run_env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return run_env
