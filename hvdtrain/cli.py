@@ -20,10 +20,10 @@ def _train(args: argparse.Namespace) -> int:
     from hvdtrain import config, data
 
     cfg = config.load(args.config, args.overrides)
-    arrays = data.load_arrays(cfg.data, cfg.seed)
+    dataset = data.Dataset(cfg.data, cfg.seed)
     from hvdtrain.torch.trainer import train
 
-    summary = train(cfg, arrays, Path(args.run_dir), args.resume)
+    summary = train(cfg, dataset, Path(args.run_dir), args.resume)
     if _rank_prefix() in ("", "rank 0: "):
         final = summary["final"]
         print(f"run directory: {Path(args.run_dir).resolve()}  "

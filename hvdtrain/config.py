@@ -5,7 +5,7 @@ Every validation failure becomes one ConfigError line naming the file and the do
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,17 +25,30 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     # digits: scikit-learn's 8x8 digits, in memory; synthetic: random images for benchmarks;
-    # npz:PATH: a user's arrays `x` (N, ...) and `y` (N,)
+    # npz:PATH: a user's arrays `x` (N, ...) and `y` (N,); hdf5: shard sets or users' HDF5 files
     source: str = "digits"
     test_fraction: float = Field(0.2, gt=0, lt=1)
     synthetic_samples: int = Field(2048, gt=0)
     synthetic_shape: list[int] = Field(default_factory=lambda: [1, 8, 8])
     synthetic_classes: int = Field(10, gt=1)
+    # hdf5 only: each of train/test is a shard-set directory, a directory of .h5 files, a glob or a list
+    train: Optional[Union[str, list[str]]] = None
+    test: Optional[Union[str, list[str]]] = None
+    x_key: str = "x"
+    y_key: str = "y"
+    tail: Literal["drop", "pad"] = Field("drop", description="the last partial global batch: "
+                                         "drop it, or pad it by wrapping to the epoch's start")
+    shuffle_buffer_mb: float = Field(64, gt=0, description="samples are shuffled within windows this big")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes reading shards (0: in-process)")
+    prefetch: int = Field(2, ge=1, description="windows each worker reads ahead")
+    verify: bool = Field(False, description="check shard checksums before training")
 
     @model_validator(mode="after")
     def _known_source(self) -> "DataConfig":
-        if self.source not in ("digits", "synthetic") and not self.source.startswith("npz:"):
-            raise ValueError(f"source: unknown data source {self.source!r} (digits, synthetic, npz:PATH)")
+        if self.source not in ("digits", "synthetic", "hdf5") and not self.source.startswith("npz:"):
+            raise ValueError(f"source: unknown data source {self.source!r} (digits, synthetic, npz:PATH, hdf5)")
+        if self.source == "hdf5" and (not self.train or not self.test):
+            raise ValueError("train: data.source hdf5 needs data.train and data.test (shard sets or HDF5 files)")
         return self
 
 
@@ -82,6 +95,12 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and ": " in message:
+        # a section's own check names its key first ("source: ..."): report it as section.key
+        field_name, message = message.split(": ", 1)
+        return f"{key}.{field_name}: {message}" if key else f"{field_name}: {message}"
+    if isinstance(error["input"], dict):
+        return f"{key}: {message}"
     return f"{key}: {message} (got {error['input']!r})" if key else message
 
 

@@ -1,20 +1,27 @@
-"""In-memory datasets and the per-rank batch plan (framework-free, no MPI).
+"""Training data for one rank: in-memory arrays or HDF5 shard sets (framework-free, no MPI).
 
-The plan makes data-parallel training equal to single-process training with the global batch:
+The in-memory plan (BatchPlan) makes data-parallel training equal to single-process training with the global batch:
 each epoch draws one seeded permutation; global batch s is a contiguous slice of it and rank r
 takes the r-th per-rank slice of that global batch. The tail that does not fill a global batch is
 dropped, so every rank takes the same number of steps (an uneven count would hang Horovod).
+Shard sets use hvdtrain.shards.plan, which has the same guarantees but reads whole chunks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from hvdtrain.config import DataConfig
 from hvdtrain.errors import ConfigError
+from hvdtrain.shards.index import ShardSet, open_set, verify
+from hvdtrain.shards.plan import Segment, ShardPlan, Window, eval_segments
+from hvdtrain.shards.reader import ShardReader
+
+EVAL_READ_BYTES = 16 << 20
 
 
 @dataclass
@@ -118,3 +125,89 @@ class BatchPlan:
 def eval_indices(num_samples: int, rank: int, size: int) -> np.ndarray:
     """This rank's disjoint share of the test set; shares cover it exactly once."""
     return np.arange(rank, num_samples, size)
+
+
+class InMemoryRankData:
+    """A rank's view of an in-memory data set (digits, synthetic, npz)."""
+
+    windows = None  # nothing for worker processes to read
+
+    def __init__(self, arrays: Arrays, plan: BatchPlan):
+        self.arrays, self.plan = arrays, plan
+        self.steps_per_epoch = plan.steps_per_epoch
+
+    def batches(self, start_step: int, last_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for step in range(start_step, last_step):
+            idx = self.plan.indices(*divmod(step, self.steps_per_epoch))
+            yield self.arrays.x_train[idx], self.arrays.y_train[idx]
+
+    def eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        idx = eval_indices(len(self.arrays.y_test), self.plan.rank, self.plan.size)
+        yield self.arrays.x_test[idx], self.arrays.y_test[idx]
+
+
+class ShardRankData:
+    """A rank's view of HDF5 shard sets: planned windows of whole chunks, shuffled inside each window."""
+
+    def __init__(self, train: ShardSet, test: ShardSet, plan: ShardPlan):
+        self.train_reader, self.test_reader, self.plan = ShardReader(train), ShardReader(test), plan
+        self.steps_per_epoch = plan.batches_per_rank
+
+    def windows(self, start_step: int, last_step: int) -> list[Window]:
+        """Windows covering steps [start_step, last_step), across epochs."""
+        result = []
+        for epoch in range(start_step // self.steps_per_epoch, -(-last_step // self.steps_per_epoch)):
+            first = max(0, start_step - epoch * self.steps_per_epoch)
+            result += [w for w in self.plan.windows(epoch, first)
+                       if epoch * self.steps_per_epoch + w.first_batch < last_step]
+        return result
+
+    def window_batches(self, window: Window, x: np.ndarray, y: np.ndarray, start_step: int,
+                       last_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Cut a read window into the batches that fall in [start_step, last_step)."""
+        b = self.plan.batch_size
+        first_step = window.epoch * self.steps_per_epoch + window.first_batch
+        for i in range(len(y) // b):
+            if start_step <= first_step + i < last_step:
+                yield x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]
+
+    def batches(self, start_step: int, last_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for window in self.windows(start_step, last_step):
+            x, y = self.train_reader.read_window(window)
+            yield from self.window_batches(window, x, y, start_step, last_step)
+
+    def eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        segments = eval_segments(self.test_reader.shard_set.counts, self.plan.rank, self.plan.size)
+        per_read = max(1, EVAL_READ_BYTES // self.test_reader.shard_set.sample_bytes)
+        for segment in segments:
+            for start in range(segment.start, segment.stop, per_read):
+                yield self.test_reader.read([Segment(segment.shard, start, min(segment.stop, start + per_read))])
+
+
+class Dataset:
+    """Data opened and checked before any rank starts Horovod; `for_rank` plans one rank's share."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        if cfg.source == "hdf5":
+            self.train = open_set(cfg.train, cfg.x_key, cfg.y_key, "train", origin="data.train")
+            self.test = open_set(cfg.test, cfg.x_key, cfg.y_key, "test", origin="data.test")
+            if (self.train.sample_shape, self.train.x_dtype) != (self.test.sample_shape, self.test.x_dtype):
+                raise ConfigError(f"data.test: samples {self.test.sample_shape} {self.test.x_dtype} disagree "
+                                  f"with data.train ({self.train.sample_shape} {self.train.x_dtype})")
+            if cfg.verify:
+                verify(self.train)
+                verify(self.test)
+            self.sample_shape = self.train.sample_shape
+            self.num_classes = max(self.train.num_classes, self.test.num_classes)
+        else:
+            self.arrays = load_arrays(cfg, seed)
+            self.sample_shape, self.num_classes = self.arrays.sample_shape, self.arrays.num_classes
+
+    def for_rank(self, batch_size: int, rank: int, size: int):
+        if self.cfg.source != "hdf5":
+            return InMemoryRankData(self.arrays, BatchPlan(len(self.arrays.y_train), batch_size, rank, size, self.seed))
+        window_batches = max(1, int(self.cfg.shuffle_buffer_mb * 2**20) // (batch_size * self.train.sample_bytes))
+        plan = ShardPlan(self.train.counts, self.train.block_samples(), batch_size, rank, size, self.seed,
+                         tail=self.cfg.tail, window_batches=window_batches)
+        return ShardRankData(self.train, self.test, plan)

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from hvdtrain import checkpoints, runtime
 from hvdtrain.config import Config, to_yaml
-from hvdtrain.data import Arrays, BatchPlan, eval_indices
+from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError, UserError
 from hvdtrain.io import JsonlLog, atomic_open, write_json, write_text
 from hvdtrain.schedule import learning_rate
+from hvdtrain.torch.data import train_batches
 from hvdtrain.torch.models import build
 
 
@@ -46,16 +47,16 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _evaluate(model: torch.nn.Module, arrays: Arrays, rank: int, size: int) -> tuple[float, float]:
+def _evaluate(model: torch.nn.Module, rank_data) -> tuple[float, float]:
     """Loss and accuracy over the whole test set: each rank scores its share, sums are allreduced."""
-    idx = eval_indices(len(arrays.y_test), rank, size)
+    sums = torch.zeros(3, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
-        x = torch.from_numpy(arrays.x_test[idx])
-        y = torch.from_numpy(arrays.y_test[idx])
-        logits = model(x)
-        sums = torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
-                             (logits.argmax(1) == y).sum().item(), float(len(idx))], dtype=torch.float64)
+        for x, y in rank_data.eval_batches():
+            x, y = torch.from_numpy(x), torch.from_numpy(y)
+            logits = model(x)
+            sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
+                                  (logits.argmax(1) == y).sum().item(), float(len(y))], dtype=torch.float64)
     model.train()
     total_loss, correct, count = hvd.allreduce(sums, op=hvd.Sum, name="eval_sums").tolist()
     return total_loss / count, correct / count
@@ -107,7 +108,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: str, size: int, model: 
     return start_step, resumed_from
 
 
-def train(cfg: Config, arrays: Arrays, run_dir: Path, resume: str) -> dict[str, Any]:
+def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
     runtime.configure_horovod_env(cfg.horovod)
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
@@ -116,11 +117,13 @@ def train(cfg: Config, arrays: Arrays, run_dir: Path, resume: str) -> dict[str, 
     is_root = rank == 0
 
     torch.manual_seed(cfg.seed)
-    model = build(cfg.model, arrays.sample_shape, arrays.num_classes)
+    model = build(cfg.model, dataset.sample_shape, dataset.num_classes)
     optimizer = hvd.DistributedOptimizer(_optimizer(cfg, model), named_parameters=model.named_parameters())
 
-    plan = BatchPlan(len(arrays.y_train), cfg.train.batch_size, rank, size, cfg.seed)
-    total_steps = cfg.train.epochs * plan.steps_per_epoch
+    rank_data = dataset.for_rank(cfg.train.batch_size, rank, size)
+    steps_per_epoch = rank_data.steps_per_epoch
+    global_batch = cfg.train.batch_size * size
+    total_steps = cfg.train.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.train.max_steps or total_steps)
 
     metrics = JsonlLog(run_dir / "metrics.jsonl")
@@ -157,14 +160,13 @@ def train(cfg: Config, arrays: Arrays, run_dir: Path, resume: str) -> dict[str, 
         if is_root:
             _save_checkpoint(run_dir, cfg.checkpoint.keep, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "epoch": step // plan.steps_per_epoch, "seed": cfg.seed,
+                "step": step, "epoch": step // steps_per_epoch, "seed": cfg.seed,
                 "world_size": size, "torch_rng": torch.get_rng_state(),
             })
 
-    for step in range(start_step, last_step):
-        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-        idx = plan.indices(epoch, step_in_epoch)
-        x, y = torch.from_numpy(arrays.x_train[idx]), torch.from_numpy(arrays.y_train[idx])
+    batches = train_batches(rank_data, start_step, last_step, cfg.data.workers, cfg.data.prefetch)
+    for step, (x, y) in zip(range(start_step, last_step), batches):
+        epoch = step // steps_per_epoch
         lr = learning_rate(cfg.train, step, size, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -175,11 +177,11 @@ def train(cfg: Config, arrays: Arrays, run_dir: Path, resume: str) -> dict[str, 
         optimizer.step()
         running_loss += loss.item()
         running_count += 1
-        interval_samples += plan.global_batch
+        interval_samples += global_batch
         done = step + 1
         progress.update(1)
 
-        end_of_epoch = done % plan.steps_per_epoch == 0 or done == last_step
+        end_of_epoch = done % steps_per_epoch == 0 or done == last_step
         if done % cfg.train.log_every == 0 or end_of_epoch:
             train_loss = hvd.allreduce(torch.tensor(running_loss / running_count), name="train_loss").item()
             running_loss, running_count = 0.0, 0
@@ -187,7 +189,7 @@ def train(cfg: Config, arrays: Arrays, run_dir: Path, resume: str) -> dict[str, 
         if end_of_epoch:
             train_seconds += time.perf_counter() - interval_start
             samples_per_s = interval_samples / (time.perf_counter() - interval_start)
-            test_loss, test_accuracy = _evaluate(model, arrays, rank, size)
+            test_loss, test_accuracy = _evaluate(model, rank_data)
             record = {"step": done, "epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss,
                       "test_accuracy": test_accuracy, "samples_per_s": samples_per_s, "lr": lr}
             if is_root:
@@ -203,8 +205,8 @@ def train(cfg: Config, arrays: Arrays, run_dir: Path, resume: str) -> dict[str, 
     digests = hvd.allgather_object(weights_digest(model), name="weights_digest")
     summary = {
         "framework": "torch", "world_size": size, "threads_per_rank": threads,
-        "steps": last_step, "total_steps": total_steps, "steps_per_epoch": plan.steps_per_epoch,
-        "global_batch": plan.global_batch, "resumed_from": resumed_from,
+        "steps": last_step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+        "global_batch": global_batch, "resumed_from": resumed_from,
         "final": record, "wall_seconds": time.perf_counter() - started, "train_seconds": train_seconds,
         "weights_digests": digests, "weights_identical": len(set(digests)) == 1,
         "checkpoint": str(checkpoints.path_for(run_dir, last_step)),

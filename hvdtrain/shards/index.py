@@ -1,0 +1,191 @@
+"""A shard set: the HDF5 files of one split and what is known about them (index.json).
+
+hvdtrain writes index.json beside its shards. For users' own HDF5 files (a directory, a glob or a list)
+the same index is built by opening each file once, whatever chunking, compression or layout it has.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import h5py
+import numpy as np
+
+from hvdtrain.errors import ConfigError
+
+INDEX_NAME = "index.json"
+FORMAT = "hvdtrain-shards/1"
+READ_BLOCK_BYTES = 4 << 20  # read unit: whole chunks adding up to about 4 MiB
+
+
+@dataclass
+class Shard:
+    path: str                  # relative to the set's root for hvdtrain sets, absolute for users' files
+    count: int
+    sha256: Optional[str] = None
+    chunk_samples: Optional[int] = None  # chunk length along the sample axis; None = contiguous
+
+
+@dataclass
+class ShardSet:
+    root: Path
+    shards: list[Shard]
+    sample_shape: tuple[int, ...]
+    x_dtype: str
+    y_dtype: str
+    num_classes: int
+    split: str = "train"
+    x_key: str = "x"
+    y_key: str = "y"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(s.count for s in self.shards)
+
+    @property
+    def sample_bytes(self) -> int:
+        return int(np.prod(self.sample_shape)) * np.dtype(self.x_dtype).itemsize
+
+    def shard_path(self, i: int) -> Path:
+        return self.root / self.shards[i].path
+
+    def block_samples(self) -> tuple[int, ...]:
+        """Per shard, the read-block length: a whole number of chunks, about READ_BLOCK_BYTES."""
+        per_block = max(1, READ_BLOCK_BYTES // max(1, self.sample_bytes))
+        blocks = []
+        for shard in self.shards:
+            chunk = shard.chunk_samples or 1
+            blocks.append(max(chunk, per_block // chunk * chunk))
+        return tuple(blocks)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "split": self.split, "x_key": self.x_key, "y_key": self.y_key,
+                "sample_shape": list(self.sample_shape), "x_dtype": self.x_dtype, "y_dtype": self.y_dtype,
+                "num_classes": self.num_classes, "total": self.total,
+                "shards": [asdict(s) for s in self.shards], **self.extra}
+
+
+def _read_index(directory: Path) -> ShardSet:
+    path = directory / INDEX_NAME
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT:
+            raise ConfigError(f"{path}: not an hvdtrain shard index (format {raw.get('format')!r})")
+        return ShardSet(root=directory, shards=[Shard(**s) for s in raw["shards"]],
+                        sample_shape=tuple(raw["sample_shape"]), x_dtype=raw["x_dtype"],
+                        y_dtype=raw["y_dtype"], num_classes=int(raw["num_classes"]), split=raw["split"],
+                        x_key=raw["x_key"], y_key=raw["y_key"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable shard index ({type(exc).__name__}: {exc})") from None
+
+
+def _dataset(handle: h5py.File, key: str, path: Path) -> h5py.Dataset:
+    if key not in handle or not isinstance(handle[key], h5py.Dataset):
+        raise ConfigError(f"{path}: no dataset {key!r} (data.x_key / data.y_key name the datasets)")
+    return handle[key]
+
+
+def open_h5(path: Path, **kwargs) -> h5py.File:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return h5py.File(path, "r", **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"{path}: not a readable HDF5 file ({exc})") from None
+
+
+def _scan(files: Sequence[Path], x_key: str, y_key: str, split: str) -> ShardSet:
+    """Index users' files: counts, schema (must agree), chunking, and the label range."""
+    shards, schema, max_label = [], None, -1
+    for path in files:
+        with open_h5(path) as handle:
+            x, y = _dataset(handle, x_key, path), _dataset(handle, y_key, path)
+            if x.shape[0] != y.shape[0]:
+                raise ConfigError(f"{path}: {x_key} has {x.shape[0]} samples but {y_key} has {y.shape[0]}")
+            if x.shape[0] == 0:
+                raise ConfigError(f"{path}: empty shard (0 samples)")
+            file_schema = (tuple(x.shape[1:]), x.dtype.str, y.dtype.str)
+            if schema is None:
+                schema = file_schema
+            elif file_schema != schema:
+                raise ConfigError(f"{path}: samples {file_schema[0]} {np.dtype(file_schema[1])} / labels "
+                                  f"{np.dtype(file_schema[2])} disagree with {files[0]} "
+                                  f"({schema[0]} {np.dtype(schema[1])} / {np.dtype(schema[2])})")
+            labels = y[...]
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise ConfigError(f"{path}: labels {y_key} must be integers, found {labels.dtype}")
+            if labels.min() < 0:
+                raise ConfigError(f"{path}: negative label {labels.min()} in {y_key}")
+            max_label = max(max_label, int(labels.max()))
+            chunk = x.chunks[0] if x.chunks else None
+            shards.append(Shard(path=str(path.resolve()), count=int(x.shape[0]), chunk_samples=chunk))
+    shape, x_dtype, y_dtype = schema
+    return ShardSet(root=Path("/"), shards=shards, sample_shape=shape, x_dtype=np.dtype(x_dtype).name,
+                    y_dtype=np.dtype(y_dtype).name, num_classes=max_label + 1, split=split,
+                    x_key=x_key, y_key=y_key)
+
+
+def open_set(spec: Union[str, Sequence[str]], x_key: str = "x", y_key: str = "y", split: str = "train",
+             origin: str = "data") -> ShardSet:
+    """A shard set from an hvdtrain directory (with index.json), a directory of .h5 files, a glob or a list."""
+    if isinstance(spec, str):
+        directory = Path(spec)
+        if directory.is_dir():
+            if (directory / INDEX_NAME).is_file():
+                return _read_index(directory)
+            files = sorted(p for p in directory.iterdir() if p.suffix in (".h5", ".hdf5"))
+        elif any(c in spec for c in "*?["):
+            files = [Path(p) for p in sorted(glob.glob(spec))]
+        else:
+            files = [directory]
+    else:
+        files = [Path(p) for p in spec]
+    if not files:
+        raise ConfigError(f"{origin}: {spec}: no HDF5 files found")
+    return _scan(files, x_key, y_key, split)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(shard_set: ShardSet) -> list[str]:
+    """Check every shard against the index: checksum, readable datasets, schema, count, label range.
+
+    Returns one line per shard checked; raises ConfigError at the first problem, naming the file.
+    """
+    lines = []
+    for i, shard in enumerate(shard_set.shards):
+        path = shard_set.shard_path(i)
+        if not path.is_file():
+            raise ConfigError(f"{path}: file not found (listed in the index)")
+        if shard.sha256 and file_sha256(path) != shard.sha256:
+            raise ConfigError(f"{path}: checksum mismatch: the shard is corrupt or was modified")
+        with open_h5(path) as handle:
+            x, y = _dataset(handle, shard_set.x_key, path), _dataset(handle, shard_set.y_key, path)
+            if tuple(x.shape[1:]) != tuple(shard_set.sample_shape) or x.dtype != np.dtype(shard_set.x_dtype):
+                raise ConfigError(f"{path}: samples {tuple(x.shape[1:])} {x.dtype} disagree with the index "
+                                  f"({tuple(shard_set.sample_shape)} {shard_set.x_dtype})")
+            if x.shape[0] != shard.count or y.shape[0] != shard.count:
+                raise ConfigError(f"{path}: {x.shape[0]} samples / {y.shape[0]} labels, index says {shard.count}")
+            try:
+                labels = y[...]
+            except OSError as exc:
+                raise ConfigError(f"{path}: unreadable labels ({exc})") from None
+            if labels.size and (labels.min() < 0 or labels.max() >= shard_set.num_classes):
+                raise ConfigError(f"{path}: labels outside [0, {shard_set.num_classes})")
+        lines.append(f"ok {path} ({shard.count} samples)")
+    return lines
