@@ -31,6 +31,45 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_shard(args: argparse.Namespace) -> int:
+    from hvdtrain.shards import writer
+
+    splits = writer.sources(args.source, args.test_fraction, args.seed, args.synthetic_shape,
+                            args.synthetic_classes, args.synthetic_count)
+    compression = None if args.compression == "none" else args.compression
+    for split, source in splits.items():
+        shard_set = writer.write_set(source, Path(args.out) / split, args.shards if split == "train"
+                                     else max(1, min(args.shards, source.count)), split,
+                                     args.chunk_samples, compression)
+        if shard_set is not None:
+            print(f"wrote {Path(args.out) / split}: {shard_set.total} samples in {len(shard_set.shards)} shards")
+    return 0
+
+
+def _data_verify(args: argparse.Namespace) -> int:
+    from hvdtrain.shards.index import sets_under, verify
+
+    for shard_set in sets_under(args.path, args.x_key, args.y_key):
+        for line in verify(shard_set):
+            print(line)
+        print(f"verified {shard_set.split}: {len(shard_set.shards)} shards, {shard_set.total} samples")
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from hvdtrain.shards.index import describe, sets_under
+
+    print("\n".join(describe(s) for s in sets_under(args.path, args.x_key, args.y_key)))
+    return 0
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,64,64, got {text!r}")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="hvdtrain", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
@@ -44,6 +83,29 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override config keys, e.g. train.batch_size=64 model.name=mlp")
     train.set_defaults(handler=_train)
+
+    data = sub.add_parser("data", help="write, verify and inspect HDF5 shard sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    shard = data_sub.add_parser("shard", help="write train/ and test/ shard sets from a source")
+    shard.add_argument("--source", required=True,
+                       help="digits, synthetic, npz:PATH (arrays x, y) or a directory of x.npy/y.npy pairs")
+    shard.add_argument("--out", required=True, help="output directory (gets train/ and test/)")
+    shard.add_argument("--shards", type=int, default=4, help="shards in the train set")
+    shard.add_argument("--chunk-samples", type=int, help="samples per HDF5 chunk (default: about 1 MiB)")
+    shard.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
+    shard.add_argument("--test-fraction", type=float, default=0.2)
+    shard.add_argument("--seed", type=int, default=42)
+    shard.add_argument("--synthetic-shape", type=_shape, default=[3, 64, 64])
+    shard.add_argument("--synthetic-classes", type=int, default=10)
+    shard.add_argument("--synthetic-count", type=int, default=10000)
+    shard.set_defaults(handler=_data_shard)
+    for name, handler, text in (("verify", _data_verify, "check checksums, schema, counts and labels"),
+                                ("inspect", _data_inspect, "summarise a shard set")):
+        command = data_sub.add_parser(name, help=text)
+        command.add_argument("path", help="a shard set, a `data shard` output, HDF5 files or a glob")
+        command.add_argument("--x-key", default="x")
+        command.add_argument("--y-key", default="y")
+        command.set_defaults(handler=handler)
     return top
 
 

@@ -9,6 +9,8 @@ NP="${NP:-2}"
 MIN_ACCURACY="${MIN_ACCURACY:-0.97}"
 RUN_DIR="${RUN_DIR:-runs/digits-torch-$(date +%Y%m%d-%H%M%S)}"
 
+hvdtrain data shard --source digits --out data/digits --shards 8 --chunk-samples 64
+hvdtrain data verify data/digits >/dev/null
 horovodrun -np "$NP" hvdtrain train --config configs/digits-torch.yaml --run-dir "$RUN_DIR"
 
 python - "$RUN_DIR/summary.json" "$MIN_ACCURACY" <<'PY'

@@ -83,7 +83,8 @@ def _read_index(directory: Path) -> ShardSet:
         return ShardSet(root=directory, shards=[Shard(**s) for s in raw["shards"]],
                         sample_shape=tuple(raw["sample_shape"]), x_dtype=raw["x_dtype"],
                         y_dtype=raw["y_dtype"], num_classes=int(raw["num_classes"]), split=raw["split"],
-                        x_key=raw["x_key"], y_key=raw["y_key"])
+                        x_key=raw["x_key"], y_key=raw["y_key"],
+                        extra={"compression": raw.get("compression", "none")})
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable shard index ({type(exc).__name__}: {exc})") from None
 
@@ -189,3 +190,34 @@ def verify(shard_set: ShardSet) -> list[str]:
                 raise ConfigError(f"{path}: labels outside [0, {shard_set.num_classes})")
         lines.append(f"ok {path} ({shard.count} samples)")
     return lines
+
+
+def sets_under(spec: str, x_key: str = "x", y_key: str = "y") -> list[ShardSet]:
+    """The shard sets a user points at: a set, a `data shard` output (train/ and test/), or HDF5 files."""
+    directory = Path(spec)
+    if directory.is_dir() and not (directory / INDEX_NAME).is_file():
+        splits = sorted(p for p in directory.iterdir() if (p / INDEX_NAME).is_file())
+        if splits:
+            return [_read_index(p) for p in splits]
+    if not directory.exists() and not any(c in spec for c in "*?["):
+        raise ConfigError(f"{spec}: no such file or directory")
+    return [open_set(spec, x_key, y_key, split=directory.name or "data", origin=spec)]
+
+
+def describe(shard_set: ShardSet) -> str:
+    """A human summary of one set."""
+    paths = [shard_set.shard_path(i) for i in range(len(shard_set.shards))]
+    disk = sum(p.stat().st_size for p in paths if p.is_file())
+    counts = shard_set.counts
+    chunks = sorted({s.chunk_samples for s in shard_set.shards}, key=lambda c: c or 0)
+    chunk_text = ", ".join("contiguous" if c is None else f"{c} samples" for c in chunks)
+    logical = shard_set.total * shard_set.sample_bytes
+    return "\n".join([
+        f"{shard_set.split}: {shard_set.total} samples in {len(counts)} shard(s) "
+        f"({min(counts)}..{max(counts)} per shard)",
+        f"  samples  {shard_set.x_key}: {tuple(shard_set.sample_shape)} {shard_set.x_dtype}, "
+        f"labels {shard_set.y_key}: {shard_set.y_dtype}, {shard_set.num_classes} classes",
+        f"  chunks   {chunk_text}; compression {shard_set.extra.get('compression', 'as stored')}",
+        f"  size     {logical / 2**20:.1f} MiB of samples, {disk / 2**20:.1f} MiB on disk",
+        f"  location {paths[0].parent if shard_set.root != Path('/') else 'files listed by the user'}",
+    ])

@@ -55,6 +55,10 @@ class ShardReader:
                 path = self.shard_set.shard_path(segment.shard)
                 raise ConfigError(f"{path}: cannot read samples {segment.start}..{segment.stop} "
                                   f"(corrupt or truncated shard: {exc})") from None
+            labels = y[offset:offset + len(segment)]
+            if labels.min() < 0 or labels.max() >= self.shard_set.num_classes:
+                raise ConfigError(f"{self.shard_set.shard_path(segment.shard)}: labels outside "
+                                  f"[0, {self.shard_set.num_classes}) in samples {segment.start}..{segment.stop}")
             offset += len(segment)
         if order is not None:
             x, y = x[order], y[order]

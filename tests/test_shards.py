@@ -1,0 +1,253 @@
+"""Sharded HDF5 pipeline: plan properties, writer/reader round trips, users' files, bad input, real ranks."""
+import json
+import multiprocessing
+import os
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hvdtrain.cli import main
+from hvdtrain.config import DataConfig
+from hvdtrain.data import Dataset
+from hvdtrain.errors import ConfigError
+from hvdtrain.shards import writer
+from hvdtrain.shards.index import open_set, verify
+from hvdtrain.shards.plan import ShardPlan, eval_segments
+from hvdtrain.shards.reader import ShardReader
+from conftest import REPO, run, BIN
+
+
+def plan_for(counts, blocks, batch, size, seed=0, tail="drop", window_batches=3):
+    return [ShardPlan(tuple(counts), tuple(blocks), batch, r, size, seed, tail, window_batches)
+            for r in range(size)]
+
+
+def epoch_ids(plan, epoch, start_batch=0):
+    return np.concatenate([plan.sample_ids(w) for w in plan.windows(epoch, start_batch)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(counts=st.lists(st.integers(1, 60), min_size=1, max_size=6), block=st.integers(1, 9),
+       batch=st.integers(1, 8), size=st.integers(1, 5), epoch=st.integers(0, 3),
+       tail=st.sampled_from(["drop", "pad"]), window_batches=st.integers(1, 4))
+def test_plan_is_disjoint_complete_and_balanced(counts, block, batch, size, epoch, tail, window_batches):
+    total = sum(counts)
+    try:
+        plans = plan_for(counts, [block] * len(counts), batch, size, 7, tail, window_batches)
+    except ConfigError:
+        assert total < size or (tail == "drop" and total < batch * size)
+        return
+    per_rank = [epoch_ids(p, epoch) for p in plans]
+    assert {len(ids) for ids in per_rank} == {plans[0].batches_per_rank * batch}  # balanced
+    everything = np.concatenate(per_rank)
+    assert everything.min() >= 0 and everything.max() < total
+    if tail == "drop":
+        assert len(set(everything)) == len(everything)  # disjoint
+        assert total - len(everything) < batch * size  # only the tail is left out
+    else:
+        assert set(everything) == set(range(total))  # complete
+        assert len(everything) - total < batch * size  # padding only fills the last global batch
+
+
+@settings(max_examples=50, deadline=None)
+@given(counts=st.lists(st.integers(5, 40), min_size=1, max_size=4), start=st.integers(0, 20))
+def test_resuming_mid_epoch_continues_the_same_order(counts, start):
+    plan = plan_for(counts, [4] * len(counts), 2, 2, window_batches=3)[1]
+    start = start % plan.batches_per_rank
+    full = epoch_ids(plan, 1)
+    windows = plan.windows(1, start)
+    resumed = np.concatenate([plan.sample_ids(w) for w in windows])
+    skip = (start - windows[0].first_batch) * 2
+    assert np.array_equal(resumed[skip:], full[start * 2:])
+
+
+def test_epochs_reshuffle_shards_blocks_and_samples():
+    plan = plan_for([100, 100, 100], [10] * 3, 10, 1, window_batches=5)[0]
+    first, second = epoch_ids(plan, 0), epoch_ids(plan, 1)
+    assert sorted(first) == sorted(second) and not np.array_equal(first, second)
+    # reads stay block-sequential: each window touches whole blocks, not scattered samples
+    for window in plan.windows(0):
+        assert all(len(s) % 10 == 0 for s in window.segments)
+
+
+def test_eval_segments_cover_the_set_once():
+    segments = [eval_segments([5, 7, 3], r, 4) for r in range(4)]
+    ids = [(s.shard, i) for part in segments for s in part for i in range(s.start, s.stop)]
+    assert len(ids) == len(set(ids)) == 15
+
+
+def id_arrays(n, shape=(1, 2, 2), classes=3):
+    """Samples whose every value is their own id, so readers can be audited."""
+    ids = np.arange(n, dtype=np.float32).reshape(n, *([1] * len(shape)))
+    x = np.broadcast_to(ids, (n, *shape)).copy()
+    return x, (np.arange(n) % classes).astype(np.int64)
+
+
+@pytest.fixture
+def id_shards(tmp_path):
+    x, y = id_arrays(240)
+    np.savez(tmp_path / "ids.npz", x=x, y=y)
+    code = main(["data", "shard", "--source", f"npz:{tmp_path / 'ids.npz'}", "--out", str(tmp_path / "ids"),
+                 "--shards", "5", "--chunk-samples", "4", "--compression", "lzf", "--test-fraction", "0.25"])
+    assert code == 0
+    return tmp_path / "ids"
+
+
+def test_writer_index_and_verify(id_shards, capsys):
+    train = open_set(str(id_shards / "train"))
+    assert train.total == 180 and len(train.shards) == 5 and train.num_classes == 3
+    assert all(s.sha256 and s.chunk_samples == 4 for s in train.shards)
+    assert main(["data", "verify", str(id_shards)]) == 0
+    assert main(["data", "inspect", str(id_shards / "train")]) == 0
+    out = capsys.readouterr().out
+    assert "verified train: 5 shards, 180 samples" in out and "(1, 2, 2) float32" in out
+    with h5py.File(id_shards / "train/shard-00000.h5") as handle:
+        assert handle["x"].chunks == (4, 1, 2, 2) and handle["x"].compression == "lzf"
+        assert handle.attrs["count"] == 36
+
+
+def test_reader_returns_each_train_sample_once_per_epoch(id_shards):
+    dataset = Dataset(DataConfig(source="hdf5", train=str(id_shards / "train"), test=str(id_shards / "test"),
+                                 shuffle_buffer_mb=0.001), seed=1)
+    seen, labels = [], {}
+    for rank in range(3):
+        rank_data = dataset.for_rank(6, rank, 3)
+        for x, y in rank_data.batches(0, rank_data.steps_per_epoch):
+            seen += x[:, 0, 0, 0].astype(int).tolist()
+            labels.update(zip(x[:, 0, 0, 0].astype(int).tolist(), y.tolist()))
+    assert len(seen) == len(set(seen)) == 180  # 180 = 10 global batches of 18: nothing dropped
+    assert all(labels[i] == i % 3 for i in labels)
+    test_ids = sorted(int(v) for rank in range(3)
+                      for x, _ in dataset.for_rank(6, rank, 3).eval_batches() for v in x[:, 0, 0, 0])
+    assert len(test_ids) == 60 and not set(test_ids) & set(seen)
+
+
+def test_workers_forked_after_reading_reopen_their_files(id_shards):
+    """A reader used in the parent, then forked into DataLoader workers, reads the same windows."""
+    import torch
+    from hvdtrain.torch.data import WindowDataset
+
+    dataset = Dataset(DataConfig(source="hdf5", train=str(id_shards / "train"), test=str(id_shards / "test"),
+                                 shuffle_buffer_mb=0.001), seed=1)
+    rank_data = dataset.for_rank(4, 0, 1)
+    windows = rank_data.windows(0, rank_data.steps_per_epoch)
+    expected = [rank_data.train_reader.read_window(w)[0] for w in windows]  # opens handles in the parent
+    assert rank_data.train_reader._files
+    loader = torch.utils.data.DataLoader(WindowDataset(rank_data.train_reader, windows), batch_size=None,
+                                         num_workers=2, multiprocessing_context=multiprocessing.get_context("fork"))
+    got = [x.numpy() for x, _ in loader]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got)) and len(got) == len(expected)
+
+
+def test_tf_data_adapter_yields_the_torch_batches(id_shards):
+    from hvdtrain.tf.data import train_dataset
+    from hvdtrain.torch.data import train_batches
+
+    dataset = Dataset(DataConfig(source="hdf5", train=str(id_shards / "train"), test=str(id_shards / "test"),
+                                 shuffle_buffer_mb=0.001), seed=4)
+    rank_data = dataset.for_rank(5, 1, 2)
+    steps = 2 * rank_data.steps_per_epoch
+    torch_batches = [(x.numpy(), y.numpy()) for x, y in train_batches(rank_data, 3, steps, workers=1)]
+    tf_batches = [(x.numpy(), y.numpy()) for x, y in train_dataset(rank_data, 3, steps, dataset.sample_shape)]
+    assert len(tf_batches) == len(torch_batches) == steps - 3
+    for (tx, ty), (fx, fy) in zip(torch_batches, tf_batches):
+        assert np.array_equal(tx, fx) and np.array_equal(ty, fy)
+
+
+def test_users_hdf5_files_any_layout(tmp_path):
+    x, y = id_arrays(90, shape=(3,))
+    layouts = [dict(), dict(chunks=(7, 3), compression="gzip"), dict(chunks=(1, 3))]  # contiguous, odd, tiny
+    for i, layout in enumerate(layouts):
+        with h5py.File(tmp_path / f"user-{i}.h5", "w") as handle:
+            handle.create_dataset("images", data=x[i * 30:(i + 1) * 30].astype(np.float64), **layout)
+            handle.create_dataset("meta/labels", data=y[i * 30:(i + 1) * 30].astype(np.int32))
+    users = open_set(str(tmp_path / "user-*.h5"), x_key="images", y_key="meta/labels")
+    assert users.counts == (30, 30, 30) and users.x_dtype == "float64" and users.num_classes == 3
+    assert [s.chunk_samples for s in users.shards] == [None, 7, 1]
+    plan = ShardPlan(users.counts, users.block_samples(), 10, 0, 1, seed=0)
+    reader = ShardReader(users)
+    ids = np.concatenate([reader.read_window(w)[0][:, 0] for w in plan.windows(0)])
+    assert sorted(ids.astype(int)) == list(range(90))
+
+
+# ---- bad input: one line, exit code 2 -------------------------------------------------------------
+
+def train_args(tmp_path, train, test, *extra):
+    return ["train", "--config", str(REPO / "configs/digits-torch.yaml"), "--run-dir", str(tmp_path / "run"),
+            f"data.train={train}", f"data.test={test}", *extra]
+
+
+def expect_exit_2(args, capsys, fragment):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_shard_set(tmp_path, capsys):
+    expect_exit_2(train_args(tmp_path, tmp_path / "nope", tmp_path / "nope2"), capsys, "nope: file not found")
+
+
+def test_corrupt_shard_checksum_and_hdf5_error(id_shards, tmp_path, capsys):
+    shard = id_shards / "train/shard-00002.h5"
+    data = bytearray(shard.read_bytes())
+    shard.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    expect_exit_2(["data", "verify", str(id_shards)], capsys, "shard-00002.h5: checksum mismatch")
+    dataset = Dataset(DataConfig(source="hdf5", train=str(id_shards / "train"), test=str(id_shards / "test")), 0)
+    rank_data = dataset.for_rank(4, 0, 1)
+    with pytest.raises(ConfigError, match="shard-00002.h5: (not a readable HDF5 file|cannot read samples)"):
+        list(rank_data.batches(0, rank_data.steps_per_epoch))
+
+
+def test_disagreeing_missing_and_empty_shards(tmp_path, capsys):
+    def make(name, **datasets):
+        with h5py.File(tmp_path / name, "w") as handle:
+            for key, value in datasets.items():
+                handle.create_dataset(key, data=value)
+    make("a.h5", x=np.zeros((4, 2), np.float32), y=np.zeros(4, np.int64))
+    make("b.h5", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
+    expect_exit_2(train_args(tmp_path, tmp_path / "*.h5", tmp_path / "a.h5"), capsys, "b.h5: samples (3,)")
+    os.remove(tmp_path / "b.h5")
+    make("c.h5", x=np.zeros((4, 2), np.float32))
+    expect_exit_2(train_args(tmp_path, tmp_path / "c.h5", tmp_path / "a.h5"), capsys, "c.h5: no dataset 'y'")
+    make("d.h5", x=np.zeros((0, 2), np.float32), y=np.zeros(0, np.int64))
+    expect_exit_2(train_args(tmp_path, tmp_path / "d.h5", tmp_path / "a.h5"), capsys, "d.h5: empty shard")
+    make("e.h5", x=np.zeros((4, 2), np.float32), y=np.array([0, 1, -1, 2]))
+    expect_exit_2(train_args(tmp_path, tmp_path / "e.h5", tmp_path / "a.h5"), capsys, "e.h5: negative label")
+    (tmp_path / "f.h5").write_text("not hdf5")
+    expect_exit_2(train_args(tmp_path, tmp_path / "f.h5", tmp_path / "a.h5"), capsys, "f.h5: not a readable HDF5")
+
+
+def test_labels_out_of_range_and_too_many_ranks(id_shards, capsys):
+    with h5py.File(id_shards / "test/shard-00000.h5", "r+") as handle:
+        handle["y"][0] = 7  # the index says 3 classes
+    expect_exit_2(["data", "verify", str(id_shards / "test")], capsys, "shard-00000.h5: checksum mismatch")
+    index = json.loads((id_shards / "test/index.json").read_text())
+    index["shards"][0]["sha256"] = None  # an index without checksums still catches the labels
+    (id_shards / "test/index.json").write_text(json.dumps(index))
+    expect_exit_2(["data", "verify", str(id_shards / "test")], capsys, "labels outside [0, 3)")
+    test_set = Dataset(DataConfig(source="hdf5", train=str(id_shards / "test"), test=str(id_shards / "test")), 0)
+    rank_data = test_set.for_rank(4, 0, 1)
+    with pytest.raises(ConfigError, match=r"shard-00000.h5: labels outside \[0, 3\)"):
+        list(rank_data.batches(0, rank_data.steps_per_epoch))
+    dataset = Dataset(DataConfig(source="hdf5", train=str(id_shards / "test"), test=str(id_shards / "test")), 0)
+    with pytest.raises(ConfigError, match="60 samples cannot be shared by 64 ranks"):
+        dataset.for_rank(1, 0, 64)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_two_ranks_see_every_sample_once(id_shards, tmp_path, workers):
+    out = tmp_path / "seen.json"
+    run([str(BIN / "horovodrun"), "-np", "2", "--gloo", sys.executable, str(REPO / "tests/ranks/seen_samples.py"),
+         str(id_shards / "train"), str(id_shards / "test"), "9", str(workers), str(out)], timeout=180)
+    reports = json.loads(out.read_text())
+    per_rank = [[i for batch in r["batches"] for i in batch] for r in sorted(reports, key=lambda r: r["rank"])]
+    assert len(per_rank[0]) == len(per_rank[1]) == 90  # 180 samples, global batch 18: 10 steps each
+    train = open_set(str(id_shards / "train"))
+    stored = []
+    for i in range(len(train.shards)):
+        with h5py.File(train.shard_path(i)) as handle:
+            stored += handle["x"][:, 0, 0, 0].astype(int).tolist()
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(stored)  # every sample once, none twice
