@@ -63,6 +63,21 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_loader(args: argparse.Namespace) -> int:
+    from hvdtrain.bench import loader
+
+    loader.run(Path(args.dir), args.size_gb, args.batch_size, args.workers, args.naive_seconds,
+               args.shuffle_buffer_mb, args.epochs, Path(args.out) if args.out else None)
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
 def _shape(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
@@ -106,6 +121,19 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--x-key", default="x")
         command.add_argument("--y-key", default="y")
         command.set_defaults(handler=handler)
+
+    bench = sub.add_parser("bench", help="benchmarks that print their figures")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    loader = bench_sub.add_parser("loader", help="shard reader vs raw HDF5 read vs a naive per-sample loader")
+    loader.add_argument("--dir", default="data/bench-loader", help="where the synthetic set is (re)used")
+    loader.add_argument("--size-gb", type=float, default=2.0)
+    loader.add_argument("--batch-size", type=int, default=32)
+    loader.add_argument("--workers", type=_ints, default=[0, 2], help="e.g. 0,2")
+    loader.add_argument("--shuffle-buffer-mb", type=float, default=64)
+    loader.add_argument("--epochs", type=int, default=3, help="passes over the set per loader")
+    loader.add_argument("--naive-seconds", type=float, default=20, help="time cap for the naive loader")
+    loader.add_argument("--out", help="write the figures as JSON here")
+    loader.set_defaults(handler=_bench_loader)
     return top
 
 

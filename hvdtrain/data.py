@@ -8,6 +8,7 @@ Shard sets use hvdtrain.shards.plan, which has the same guarantees but reads who
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from hvdtrain.config import DataConfig
 from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_set, verify
 from hvdtrain.shards.plan import Segment, ShardPlan, Window, eval_segments
-from hvdtrain.shards.reader import ShardReader
+from hvdtrain.shards.reader import ShardReader, prefetched_batches
 
 EVAL_READ_BYTES = 16 << 20
 
@@ -171,10 +172,15 @@ class ShardRankData:
             if start_step <= first_step + i < last_step:
                 yield x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]
 
+    def _step_of(self, window: Window) -> int:
+        return window.epoch * self.steps_per_epoch + window.first_batch
+
     def batches(self, start_step: int, last_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for window in self.windows(start_step, last_step):
-            x, y = self.train_reader.read_window(window)
-            yield from self.window_batches(window, x, y, start_step, last_step)
+        windows = self.windows(start_step, last_step)
+        batches = prefetched_batches(self.train_reader, windows, self.plan.batch_size,
+                                     first_batch=lambda w: max(0, start_step - self._step_of(w)))
+        # the last window may run past last_step
+        yield from itertools.islice(batches, last_step - start_step)
 
     def eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         segments = eval_segments(self.test_reader.shard_set.counts, self.plan.rank, self.plan.size)

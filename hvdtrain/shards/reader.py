@@ -7,14 +7,16 @@ its handles, so it can be sent to DataLoader worker processes.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Sequence
+import queue
+import threading
+from typing import Callable, Iterator, Optional, Sequence
 
 import h5py
 import numpy as np
 
 from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_h5
-from hvdtrain.shards.plan import Segment, ShardPlan, Window
+from hvdtrain.shards.plan import Segment, Window
 
 
 class ShardReader:
@@ -40,10 +42,8 @@ class ShardReader:
             self._files[shard] = handle
         return handle[self.shard_set.x_key], handle[self.shard_set.y_key]
 
-    def read(self, segments: Sequence[Segment], order: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-        n = sum(len(s) for s in segments)
-        x = np.empty((n, *self.shard_set.sample_shape), dtype=self.shard_set.x_dtype)
-        y = np.empty(n, dtype=self.shard_set.y_dtype)
+    def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray) -> int:
+        """Read the segments back to back into the front of x and y; returns the sample count."""
         offset = 0
         for segment in segments:
             x_ds, y_ds = self._datasets(segment.shard)
@@ -60,6 +60,15 @@ class ShardReader:
                 raise ConfigError(f"{self.shard_set.shard_path(segment.shard)}: labels outside "
                                   f"[0, {self.shard_set.num_classes}) in samples {segment.start}..{segment.stop}")
             offset += len(segment)
+        return offset
+
+    def buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return (np.empty((n, *self.shard_set.sample_shape), dtype=self.shard_set.x_dtype),
+                np.empty(n, dtype=self.shard_set.y_dtype))
+
+    def read(self, segments: Sequence[Segment], order: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.buffers(sum(len(s) for s in segments))
+        self.read_into(segments, x, y)
         if order is not None:
             x, y = x[order], y[order]
         return x, y.astype(np.int64, copy=False)
@@ -73,10 +82,49 @@ def split_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tup
         yield x[start:start + batch_size], y[start:start + batch_size]
 
 
-def iter_batches(reader: ShardReader, plan: ShardPlan, epoch: int,
-                 start_batch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """This rank's batches of `epoch` from rank-local batch `start_batch`, read window by window."""
-    for window in plan.windows(epoch, start_batch):
-        x, y = reader.read_window(window)
-        skip = max(0, start_batch - window.first_batch) * plan.batch_size
-        yield from split_batches(x[skip:], y[skip:], plan.batch_size)
+def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_size: int,
+                       first_batch: Callable[[Window], int] = lambda w: 0,
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of the windows, in order, with the next window read by a thread while these are cut.
+
+    Two window buffers are reused (no fresh pages per window); each batch is gathered from the read
+    buffer through the window's permutation into its own array, so callers may keep batches. h5py
+    reads and NumPy gathers both release the GIL, so reading and gathering overlap on two cores.
+    `first_batch(window)` skips that many batches of a window (resuming mid-window).
+    """
+    if not windows:
+        return
+    capacity = max(w.num_samples for w in windows)
+    free: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put(reader.buffers(capacity))
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def read_ahead() -> None:
+        try:
+            for window in windows:
+                buffers = free.get()
+                if stop.is_set():
+                    return
+                reader.read_into(window.segments, *buffers)
+                ready.put((window, buffers))
+        except BaseException as exc:  # re-raised in the consuming thread
+            ready.put((None, exc))
+
+    thread = threading.Thread(target=read_ahead, name="shard-read-ahead", daemon=True)
+    thread.start()
+    try:
+        for _ in windows:
+            window, buffers = ready.get()
+            if window is None:
+                raise buffers
+            x, y = buffers
+            for i in range(first_batch(window), window.num_samples // batch_size):
+                idx = window.order[i * batch_size:(i + 1) * batch_size]
+                yield np.take(x, idx, axis=0), y[idx].astype(np.int64)
+            free.put(buffers)
+    finally:
+        stop.set()
+        free.put(None)  # unblock the reader if it waits for a buffer
+        thread.join()

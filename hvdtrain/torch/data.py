@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
@@ -19,13 +20,24 @@ class WindowDataset(TorchDataset):
 
     def __init__(self, reader: ShardReader, windows: list[Window]):
         self.reader, self.windows = reader, windows
+        self._buffers = None
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, i: int):
-        x, y = self.reader.read_window(self.windows[i])
-        return torch.from_numpy(x), torch.from_numpy(y)
+        window = self.windows[i]
+        if self._buffers is None or len(self._buffers[1]) < window.num_samples:
+            # one read buffer per worker, reused: fresh pages for every window cost more than the read
+            self._buffers = self.reader.buffers(max(w.num_samples for w in self.windows))
+        raw_x, raw_y = self._buffers
+        n = self.reader.read_into(window.segments, raw_x, raw_y)
+        order = torch.from_numpy(window.order)
+        # Gather straight into shared memory: the tensor then crosses to the trainer without a copy.
+        x = torch.empty((n, *raw_x.shape[1:]), dtype=torch.from_numpy(raw_x[:0]).dtype).share_memory_()
+        torch.index_select(torch.from_numpy(raw_x[:n]), 0, order, out=x)
+        y = torch.from_numpy(raw_y[:n].astype(np.int64))[order]
+        return x, y
 
 
 def train_batches(rank_data, start_step: int, last_step: int, workers: int = 0,

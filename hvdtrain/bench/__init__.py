@@ -1,0 +1,1 @@
+"""Benchmarks behind `hvdtrain bench ...`: each prints its figures and writes them as JSON."""
