@@ -7,15 +7,15 @@ from typing import Optional
 
 from hvdtrain.errors import ConfigError
 
-_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+_NAME = re.compile(r"^ckpt-(\d{8})\.(pt|npz)$")
 
 
 def directory(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def path_for(run_dir: Path, step: int) -> Path:
-    return directory(run_dir) / f"ckpt-{step:08d}.pt"
+def path_for(run_dir: Path, step: int, suffix: str = "pt") -> Path:
+    return directory(run_dir) / f"ckpt-{step:08d}.{suffix}"
 
 
 def existing(run_dir: Path) -> list[Path]:

@@ -41,3 +41,20 @@ def hvdtrain(*args: str, np: int = 1, controller: str = "gloo", timeout: float =
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+def rank_processes(marker: str) -> list:
+    """The hvdtrain rank processes (not launchers or shells) whose command line mentions `marker`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if len(cmd) > 2 and cmd[0].endswith("python") and cmd[1].endswith("bin/hvdtrain") \
+                and any(marker in part for part in cmd):
+            found.append(proc)
+    return found
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

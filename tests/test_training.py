@@ -69,3 +69,35 @@ def test_fresh_run_refuses_a_used_run_dir(tmp_path):
     proc = hvdtrain(*args, "--resume", "none", np=2, check=False)
     assert proc.returncode != 0
     assert "holds checkpoints of an earlier run" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_stop_signal_checkpoints_then_resume_matches_a_straight_run(signame, tmp_path):
+    import signal
+    import time
+    from conftest import BIN, rank_processes, start
+
+    common = ["--config", CONFIG, *EXACT, "train.schedule=cosine", "train.batch_size=16",
+              "train.max_steps=400", "checkpoint.every_steps=20"]
+    stopped = tmp_path / "stopped"
+    proc = start([str(BIN / "horovodrun"), "-np", "2", "--gloo", str(BIN / "hvdtrain"), "train",
+                  "--run-dir", str(stopped), *common])
+    deadline = time.time() + 120
+    while not (stopped / "checkpoints").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    ranks = rank_processes(str(stopped))
+    assert len(ranks) == 2, "both ranks should be running"
+    for rank in ranks:
+        rank.send_signal(getattr(signal, signame))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["stopped_by"] == signame
+    assert 20 <= summary["steps"] < 400
+    assert f"checkpointed at step {summary['steps']} after {signame}" in output
+    hvdtrain("train", "--run-dir", str(stopped), *common, np=2)
+    hvdtrain("train", "--run-dir", str(tmp_path / "straight"), *common, np=2)
+    resumed_summary, resumed = final_weights(stopped)
+    _, straight = final_weights(tmp_path / "straight")
+    assert resumed_summary["status"] == "completed" and resumed_summary["steps"] == 400
+    assert_same_weights(resumed, straight, tol=0)
