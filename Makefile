@@ -11,6 +11,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
+	bash scripts/test-deps.sh
 	$(PY) -m pytest -q tests
 
 clean:

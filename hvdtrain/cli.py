@@ -31,6 +31,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from hvdtrain import config, data
+
+    cfg = config.load(args.config, args.overrides)
+    dataset = data.Dataset(cfg.data, cfg.seed)
+    print(f"config ok: {cfg.framework}, model {cfg.model.name}, data {cfg.data.source} "
+          f"(samples {tuple(dataset.sample_shape)}, {dataset.num_classes} classes)")
+    return 0
+
+
 def _data_shard(args: argparse.Namespace) -> int:
     from hvdtrain.shards import writer
 
@@ -98,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override config keys, e.g. train.batch_size=64 model.name=mlp")
     train.set_defaults(handler=_train)
+
+    check = sub.add_parser("check", help="validate a config and open its data, without training "
+                                         "(job scripts run it before launching ranks)")
+    check.add_argument("--config", help="YAML config file")
+    check.add_argument("overrides", nargs="*", metavar="key=value")
+    check.set_defaults(handler=_check)
 
     data = sub.add_parser("data", help="write, verify and inspect HDF5 shard sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

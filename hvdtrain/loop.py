@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import platform
 import signal
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
@@ -117,6 +119,11 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
         error.exit_code = exit_code
         raise error
     adapter.broadcast_state()  # rank 0's state (fresh or resumed) becomes every rank's state
+    hosts = adapter.gather_object(socket.gethostname(), "hosts")
+    if is_root:
+        placement = ", ".join(f"rank {r} on {h}" for r, h in enumerate(hosts))
+        print(f"hvdtrain: {size} rank{'s' if size > 1 else ''} ({placement}), {threads} threads per rank, "
+              f"steps {start_step}..{last_step} of {total_steps}", flush=True)
 
     def checkpoint(step: int) -> Path:
         path = checkpoints.path_for(run_dir, step, adapter.checkpoint_suffix)
@@ -126,8 +133,9 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
             checkpoints.prune(run_dir, cfg.checkpoint.keep)
         return path
 
+    # In a batch job's log file, a bar redrawn every second is noise: redraw every 30 s there.
     progress = tqdm(total=last_step, initial=start_step, disable=not is_root, unit="step",
-                    dynamic_ncols=True, mininterval=1.0)
+                    dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     running_loss, running_count = 0.0, 0
     interval_start, interval_samples, train_seconds = time.perf_counter(), 0, 0.0
     record: dict[str, Any] = {}
@@ -174,7 +182,7 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
     digests = adapter.gather_object(adapter.weights_digest(), "weights_digest")
     summary = {
         "framework": adapter.framework, "status": "stopped" if stopped_by else "completed",
-        "stopped_by": stopped_by, "world_size": size, "threads_per_rank": threads,
+        "stopped_by": stopped_by, "world_size": size, "hosts": hosts, "threads_per_rank": threads,
         "steps": done, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "global_batch": global_batch, "resumed_from": resumed_from,
         "final": record, "wall_seconds": time.perf_counter() - started, "train_seconds": train_seconds,

@@ -11,8 +11,11 @@ def configure_horovod_env(cfg: HorovodConfig) -> None:
 
 
 def threads_per_rank(local_size: int) -> int:
-    """Cores this rank may use: its CPU binding if the launcher set one, else an equal share of the node."""
+    """Cores this rank may use: Slurm's --cpus-per-task, else its CPU binding if the launcher set one,
+    else an equal share of the node."""
     allowed = len(os.sched_getaffinity(0))
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, min(allowed, int(os.environ["SLURM_CPUS_PER_TASK"])))
     total = os.cpu_count() or allowed
     if allowed < total:  # bound by mpirun/srun: the binding is already this rank's share
         return allowed
