@@ -19,7 +19,7 @@ setup(
         "pydantic>=2",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis"],
+        "dev": ["pytest", "hypothesis", "spython"],
     },
     entry_points={"console_scripts": ["hvdtrain=hvdtrain.cli:main"]},
 )
