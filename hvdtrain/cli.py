@@ -81,6 +81,45 @@ def _bench_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scaling(args: argparse.Namespace) -> int:
+    from hvdtrain.bench import scaling
+
+    scaling.sweep(args)
+    return 0
+
+
+def _bench_allreduce(args: argparse.Namespace) -> int:
+    from hvdtrain.bench import allreduce
+
+    allreduce.sweep(args)
+    return 0
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from hvdtrain.bench import report
+
+    built = report.build(Path(args.results_dir), Path(args.out) if args.out else None)
+    print(f"wrote {Path(args.out or args.results_dir) / 'report.md'} with {len(built['plots'])} plots")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _modes(text: str) -> list[str]:
+    modes = text.split(",")
+    from hvdtrain.bench.scaling import MODES
+
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {sorted(unknown)}: use {', '.join(MODES)}")
+    return modes
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
@@ -150,6 +189,31 @@ def parser() -> argparse.ArgumentParser:
     loader.add_argument("--naive-seconds", type=float, default=20, help="time cap for the naive loader")
     loader.add_argument("--out", help="write the figures as JSON here")
     loader.set_defaults(handler=_bench_loader)
+
+    from hvdtrain.bench.scaling import add_model_arguments
+    scale = bench_sub.add_parser("scaling", help="throughput on every rank: Horovod vs DDP vs no communication")
+    scale.add_argument("--np", type=_ints, default=[1, 2], help="rank counts, e.g. 1,2,4")
+    scale.add_argument("--modes", type=_modes, default=["horovod", "horovod-default", "ddp", "nocomm"])
+    scale.add_argument("--out", default="benchmarks/results", help="results directory (report reads it)")
+    scale.add_argument("--timeout", type=float, default=600, help="seconds per job")
+    scale.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
+    add_model_arguments(scale)
+    scale.set_defaults(handler=_bench_scaling)
+
+    from hvdtrain.bench.allreduce import DEFAULT_SIZES_MB, IMPLEMENTATIONS
+    ring = bench_sub.add_parser("allreduce", help="allreduce bus bandwidth over message sizes")
+    ring.add_argument("--np", type=int, default=2)
+    ring.add_argument("--impls", type=lambda t: t.split(","), default=list(IMPLEMENTATIONS),
+                      help=f"comma-separated: {', '.join(IMPLEMENTATIONS)}")
+    ring.add_argument("--sizes", type=_floats, default=list(DEFAULT_SIZES_MB), help="message sizes in MiB")
+    ring.add_argument("--out", default="benchmarks/results")
+    ring.add_argument("--timeout", type=float, default=600)
+    ring.set_defaults(handler=_bench_allreduce)
+
+    report = bench_sub.add_parser("report", help="report.md, report.json and plots from benchmark results")
+    report.add_argument("results_dir")
+    report.add_argument("--out", help="where to write (default: the results directory)")
+    report.set_defaults(handler=_bench_report)
     return top
 
 

@@ -17,7 +17,15 @@ from hvdtrain.config import Config
 from hvdtrain.data import Dataset
 from hvdtrain.io import atomic_open
 from hvdtrain.torch.data import train_batches
+from hvdtrain.torch.exchange import FlatExchange
 from hvdtrain.torch.models import build
+
+
+def exchange_mode(cfg: Config) -> str:
+    """`auto`: overlap on GPUs, where communication runs beside compute; flat on CPU nodes."""
+    if cfg.horovod.gradient_exchange != "auto":
+        return cfg.horovod.gradient_exchange
+    return "overlap" if torch.cuda.is_available() else "flat"
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -36,8 +44,12 @@ class TorchAdapter:
         self.rank, self.size = hvd.rank(), hvd.size()
         torch.manual_seed(cfg.seed)
         self.model = build(cfg.model, dataset.sample_shape, dataset.num_classes)
-        self.optimizer = hvd.DistributedOptimizer(_optimizer(cfg, self.model),
-                                                  named_parameters=self.model.named_parameters())
+        self.optimizer = _optimizer(cfg, self.model)
+        self.flat = None
+        if exchange_mode(cfg) == "overlap":
+            self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.model.named_parameters())
+        else:
+            self.flat = FlatExchange(self.model)
 
     # collectives -------------------------------------------------------------------------------
     def sum(self, values: list[float], name: str) -> list[float]:
@@ -61,9 +73,14 @@ class TorchAdapter:
         x, y = batch
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.zero_grad()
+        if self.flat is not None:
+            self.flat.zero_grad()
+        else:
+            self.optimizer.zero_grad()
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
+        if self.flat is not None:
+            self.flat()
         self.optimizer.step()
         return loss.item()
 

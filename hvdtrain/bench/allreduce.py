@@ -1,0 +1,130 @@
+"""`hvdtrain bench allreduce`: allreduce bus bandwidth over message sizes, per implementation.
+
+Implementations: Horovod over MPI and over Gloo (with hvdtrain's settings), mpi4py's Allreduce, and
+torch.distributed (gloo); one memcpy of the same buffer is the limit a shared-memory allreduce
+approaches. Bus bandwidth = bytes x 2(N-1)/N / time (nccl-tests' convention: comparable across N).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+IMPLEMENTATIONS = ("horovod-mpi", "horovod-gloo", "mpi4py", "torch-gloo")
+DEFAULT_SIZES_MB = (0.004, 0.064, 0.25, 1, 4, 16, 64, 100)
+
+
+def _time(op: Callable[[], None], nbytes: int, barrier: Callable[[], None]) -> float:
+    """Median seconds of `op`, after warm-up; more repetitions for small messages."""
+    for _ in range(3):
+        op()
+    repeats = max(5, min(200, int(2e8 / max(nbytes, 1))))
+    samples = []
+    for _ in range(repeats):
+        barrier()
+        started = time.perf_counter()
+        op()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    impl = args.impl
+    if impl.startswith("horovod"):
+        import horovod.torch as hvd
+        from hvdtrain import runtime
+        from hvdtrain.config import HorovodConfig
+
+        runtime.configure_horovod_env(HorovodConfig())
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
+        barrier = lambda: hvd.allreduce(torch.zeros(1), name="barrier")  # noqa: E731
+    elif impl == "mpi4py":
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        rank, size, barrier = comm.Get_rank(), comm.Get_size(), comm.Barrier
+    else:
+        torch.distributed.init_process_group("gloo")
+        rank, size, barrier = torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed.barrier
+
+    rows = []
+    for megabytes in args.sizes:
+        count = max(1, int(megabytes * 2**20) // 4)
+        nbytes = count * 4
+        tensor = torch.ones(count)
+        if impl.startswith("horovod"):
+            op = lambda: hvd.allreduce_(tensor, op=hvd.Sum, name=f"allreduce.{count}")  # noqa: E731
+        elif impl == "mpi4py":
+            array, out = np.ones(count, np.float32), np.empty(count, np.float32)
+            op = lambda: comm.Allreduce(array, out, op=MPI.SUM)  # noqa: E731
+        else:
+            op = lambda: torch.distributed.all_reduce(tensor)  # noqa: E731
+        seconds = _time(op, nbytes, barrier)
+        source, target = np.ones(count, np.float32), np.empty(count, np.float32)
+        memcpy = _time(lambda: np.copyto(target, source), nbytes, lambda: None)
+        rows.append({"bytes": nbytes, "seconds": seconds, "memcpy_seconds": memcpy,
+                     "bus_gb_s": nbytes * 2 * (size - 1) / size / seconds / 1e9 if size > 1 else None,
+                     "alg_gb_s": nbytes / seconds / 1e9, "memcpy_gb_s": nbytes / memcpy / 1e9})
+    if rank == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"allreduce-{impl}-np{size}.json").write_text(
+            json.dumps({"impl": impl, "ranks": size, "rows": rows}, indent=2))
+    if impl == "torch-gloo":
+        torch.distributed.destroy_process_group()
+
+
+def _command(impl: str, np: int, module: list[str]) -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    if impl == "horovod-mpi":
+        return [str(bin_dir / "horovodrun"), "-np", str(np), "--mpi", *module]
+    if impl == "horovod-gloo":
+        return [str(bin_dir / "horovodrun"), "-np", str(np), "--gloo", *module]
+    if impl == "mpi4py":
+        return [shutil.which("mpirun") or "mpirun", "-np", str(np), "--oversubscribe", *module]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}", *module[1:]]
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    out = Path(args.out) / "raw"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    results = []
+    for impl in args.impls:
+        module = [sys.executable, "-m", "hvdtrain.bench.allreduce", "--impl", impl, "--out", str(out),
+                  "--sizes", *map(str, args.sizes)]
+        print(f"allreduce: {impl} np={args.np} ...", flush=True)
+        proc = subprocess.run(_command(impl, args.np, module), capture_output=True, text=True, env=env,
+                              timeout=args.timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{impl} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        results.append(json.loads((out / f"allreduce-{impl}-np{args.np}.json").read_text()))
+    print(f"{'MB':>8s} " + " ".join(f"{r['impl']:>13s}" for r in results) + "   memcpy   (bus GB/s)")
+    for i, megabytes in enumerate(args.sizes):
+        cells = " ".join(f"{r['rows'][i]['bus_gb_s'] or r['rows'][i]['alg_gb_s']:13.2f}" for r in results)
+        print(f"{megabytes:8g} {cells} {results[0]['rows'][i]['memcpy_gb_s']:8.2f}")
+    by = {r["impl"]: r["rows"][-1]["bus_gb_s"] for r in results}
+    if "mpi4py" in by and by["mpi4py"]:
+        for impl in ("horovod-mpi", "horovod-gloo"):
+            if by.get(impl):
+                print(f"{args.sizes[-1]:g} MB: {impl} / mpi4py bus bandwidth = {by[impl] / by['mpi4py']:.2f}x "
+                      "(target >= 0.9)")
+    return results
+
+
+if __name__ == "__main__":  # the worker entry point the launchers start
+    parser = argparse.ArgumentParser(prog="python -m hvdtrain.bench.allreduce")
+    parser.add_argument("--impl", choices=IMPLEMENTATIONS, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sizes", type=float, nargs="+", default=list(DEFAULT_SIZES_MB))
+    worker(parser.parse_args())

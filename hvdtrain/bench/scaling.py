@@ -1,0 +1,207 @@
+"""`hvdtrain bench scaling`: training throughput measured on every rank, Horovod vs DDP vs no communication.
+
+The launcher runs one job per (mode, ranks): `horovodrun` for Horovod, `torchrun` for DDP and for the
+no-communication ceiling (N independent processes, the hardware limit). Each rank times its own steps
+after a warm-up and writes them; nothing is extrapolated from rank 0. Weak scaling: the batch per rank is
+fixed, so efficiency E(N) = T(N) / (N x T(1)) with T the total samples/s of the same mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# horovod: hvdtrain's path (its tuned settings and gradient exchange); horovod-default: Horovod's own
+# DistributedOptimizer with Horovod's default settings; ddp: torch DDP (gloo); nocomm: the ceiling.
+MODES = ("horovod", "horovod-default", "ddp", "nocomm")
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, size, local_size) from torchrun, Slurm or Open MPI variables."""
+    for rank_var, size_var, local_var in (("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
+                                          ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                                           "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                                          ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE")):
+        if rank_var in os.environ:
+            return (int(os.environ[rank_var]), int(os.environ[size_var]),
+                    int(os.environ.get(local_var, os.environ[size_var]).split("(")[0]))
+    return 0, 1, 1
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of a benchmark job: train on synthetic data and write this rank's timings."""
+    import torch
+    import torch.nn.functional as F
+
+    from hvdtrain import runtime
+    from hvdtrain.config import Config, HorovodConfig, ModelConfig
+    from hvdtrain.torch.models import build
+
+    rank, size, local_size = _world()
+    hvd, flat = None, None
+    if args.mode.startswith("horovod"):
+        import horovod.torch as hvd
+        if args.mode == "horovod":
+            runtime.configure_horovod_env(HorovodConfig())
+        hvd.init()
+        rank, size, local_size = hvd.rank(), hvd.size(), hvd.local_size()
+    elif args.mode == "ddp" and size > 1:
+        torch.distributed.init_process_group("gloo")
+    if hvd is not None:
+        from hvdtrain.torch.exchange import FlatExchange
+        from hvdtrain.torch.trainer import exchange_mode
+    threads = args.threads or runtime.threads_per_rank(local_size)
+    torch.set_num_threads(threads)
+
+    torch.manual_seed(0)
+    shape = tuple(args.shape)
+    model = build(ModelConfig(name=args.model, width=args.width, depth=args.depth), shape, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if args.mode == "horovod" and exchange_mode(Config()) == "flat":
+        flat = FlatExchange(model)
+    elif args.mode.startswith("horovod"):
+        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    if hvd is not None:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    elif args.mode == "ddp" and size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    generator = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn((args.batch_size, *shape), generator=generator),
+                torch.randint(0, 10, (args.batch_size,), generator=generator)) for _ in range(4)]
+
+    timings = {"data": [], "forward_backward": [], "optimizer_step": [], "step": []}
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        x, y = batches[step % len(batches)]
+        t1 = time.perf_counter()
+        flat.zero_grad() if flat else optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        t2 = time.perf_counter()
+        if flat:
+            flat()  # hvdtrain: one allreduce of the flat gradient buffer
+        optimizer.step()  # Horovod's DistributedOptimizer: waits for the allreduces still in flight
+        t3 = time.perf_counter()
+        if step >= args.warmup:
+            for key, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                timings[key].append(value)
+    elapsed = sum(timings["step"])
+    result = {"mode": args.mode, "rank": rank, "size": size, "threads": threads,
+              "samples_per_s": args.batch_size * args.steps / elapsed,
+              **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in timings.items()},
+              "params": sum(p.numel() for p in model.parameters())}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / f"{args.mode}-np{size}-rep{args.repeat}-rank{rank}.json", "w") as handle:
+        json.dump(result, handle)
+    if args.mode == "ddp" and size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _launch(mode: str, np: int, worker_args: list[str], timeout: float) -> None:
+    module = [sys.executable, "-m", "hvdtrain.bench.scaling", "worker", "--mode", mode, *worker_args]
+    if mode.startswith("horovod"):
+        command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np), *module]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}",
+                   *module[1:]]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} at np={np} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def collect(results_dir: Path) -> list[dict[str, Any]]:
+    """One row per (mode, ranks): the median over repetitions of the summed per-rank throughput."""
+    runs: dict[tuple[str, int], dict[str, list[dict]]] = {}
+    for path in sorted(results_dir.glob("raw/*-np*-rep*-rank*.json")):
+        result = json.loads(path.read_text())
+        repeat = path.name.split("-rep")[1].split("-")[0]
+        runs.setdefault((result["mode"], result["size"]), {}).setdefault(repeat, []).append(result)
+    table = []
+    for (mode, size), repeats in sorted(runs.items()):
+        complete = [ranks for ranks in repeats.values() if len(ranks) == size]
+        totals = [sum(r["samples_per_s"] for r in ranks) for ranks in complete]
+        median_run = complete[sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]]
+        table.append({"mode": mode, "ranks": size, "samples_per_s": statistics.median(totals),
+                      "runs_samples_per_s": totals,
+                      "per_rank_samples_per_s": [r["samples_per_s"] for r in sorted(median_run, key=lambda r: r["rank"])],
+                      **{k: statistics.mean(r[k] for r in median_run) for k in
+                         ("data_ms", "forward_backward_ms", "optimizer_step_ms", "step_ms")},
+                      "threads": median_run[0]["threads"], "params": median_run[0]["params"]})
+    for row in table:
+        one = next((r for r in table if r["mode"] == row["mode"] and r["ranks"] == 1), None)
+        row["efficiency"] = row["samples_per_s"] / (row["ranks"] * one["samples_per_s"]) if one else None
+    return table
+
+
+def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = Path(args.out)
+    raw = out / "raw"
+    worker_args = ["--model", args.model, "--width", str(args.width), "--depth", str(args.depth),
+                   "--shape", *map(str, args.shape), "--batch-size", str(args.batch_size),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(raw)]
+    if args.threads:
+        worker_args += ["--threads", str(args.threads)]
+    # Repetitions interleave the modes, so a slow spell of a shared machine hits them alike.
+    for repeat in range(args.repeats):
+        for np in args.np:
+            for mode in args.modes:
+                print(f"scaling: {mode} np={np} (run {repeat + 1}/{args.repeats}) ...", flush=True)
+                _launch(mode, np, [*worker_args, "--repeat", str(repeat)], timeout=args.timeout)
+    table = collect(out)
+    with open(out / "scaling.json", "w") as handle:
+        json.dump({"settings": vars(args) | {"horovod_env": _horovod_env()}, "rows": table}, handle, indent=2,
+                  default=str)
+    for row in table:
+        eff = f"{row['efficiency']:.2f}" if row["efficiency"] is not None else "-"
+        print(f"{row['mode']:8s} np={row['ranks']}  {row['samples_per_s']:8.1f} samples/s  efficiency {eff}  "
+              f"step {row['step_ms']:.1f} ms (fwd+bwd {row['forward_backward_ms']:.1f}, "
+              f"optimizer/comm {row['optimizer_step_ms']:.1f})")
+    by = {(r["mode"], r["ranks"]): r["samples_per_s"] for r in table}
+    for np in args.np:
+        if ("horovod", np) in by and ("horovod-default", np) in by:
+            print(f"np={np}: hvdtrain settings / Horovod defaults = {by['horovod', np] / by['horovod-default', np]:.2f}x")
+        if ("horovod", np) in by and ("ddp", np) in by:
+            print(f"np={np}: hvdtrain (Horovod) / DDP = {by['horovod', np] / by['ddp', np]:.2f}x (target >= 1.0)"
+                  + (f", / ceiling = {by['horovod', np] / by['nocomm', np]:.2f}x" if ("nocomm", np) in by else ""))
+    return table
+
+
+def _horovod_env() -> dict[str, str]:
+    from hvdtrain.config import HorovodConfig
+    from hvdtrain import runtime
+
+    saved = dict(os.environ)
+    runtime.configure_horovod_env(HorovodConfig())
+    settings = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
+    os.environ.clear()
+    os.environ.update(saved)
+    return settings
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet"])
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--shape", type=int, nargs="+", default=[1, 28, 28])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per rank (1: each added rank adds a core, as weak scaling needs; "
+                             "0: cores / ranks)")
+
+
+if __name__ == "__main__":  # the worker entry point the launchers start
+    parser = argparse.ArgumentParser(prog="python -m hvdtrain.bench.scaling")
+    sub = parser.add_subparsers(dest="command", required=True)
+    work = sub.add_parser("worker")
+    work.add_argument("--mode", choices=MODES, required=True)
+    work.add_argument("--out", required=True)
+    work.add_argument("--repeat", type=int, default=0)
+    add_model_arguments(work)
+    worker(parser.parse_args())
