@@ -21,7 +21,13 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, args.overrides)
     dataset = data.Dataset(cfg.data, cfg.seed)
-    from hvdtrain.torch.trainer import train
+    if cfg.framework == "tensorflow":
+        from hvdtrain.tf import require_tf_keras
+
+        require_tf_keras()
+        from hvdtrain.tf.trainer import train
+    else:
+        from hvdtrain.torch.trainer import train
 
     summary = train(cfg, dataset, Path(args.run_dir), args.resume)
     if _rank_prefix() in ("", "rank 0: "):

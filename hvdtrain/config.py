@@ -81,7 +81,7 @@ class HorovodConfig(_Section):
 
 
 class Config(_Section):
-    framework: Literal["torch"] = "torch"
+    framework: Literal["torch", "tensorflow"] = "torch"
     seed: int = 42
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -111,3 +111,17 @@ def test_bad_config_fails_the_job_fast_with_one_line(cluster, digits, tmp_path):
     errors = [line for line in _read(output).splitlines() if "error:" in line]
     assert errors and all("train.batch_size: Input should be greater than 0 (got -1)" in e for e in errors)
     assert "Traceback" not in _read(output)
+
+
+def test_bench_script_sweeps_ranks_as_job_steps_and_reports(cluster, tmp_path):
+    out = tmp_path / "bench"
+    job_env = dict(cluster, HVDTRAIN_BENCH_OUT=str(out),
+                   HVDTRAIN_BENCH_ARGS="--model mlp --shape 1 8 8 --steps 4 --warmup 1")
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={tmp_path / 'bench.out'}",
+                           str(REPO / "slurm/bench.sh")], cwd=REPO, env=job_env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, _read(tmp_path / "bench.out")[-4000:]
+    rows = json.loads((out / "scaling.json").read_text())["rows"]
+    assert {(r["mode"], r["ranks"]) for r in rows} == {(m, n) for m in ("horovod", "horovod-default", "ddp", "nocomm")
+                                                       for n in (1, 2)}
+    assert (out / "report.md").exists() and (out / "scaling.png").exists()

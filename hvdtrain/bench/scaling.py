@@ -52,6 +52,9 @@ def worker(args: argparse.Namespace) -> None:
         hvd.init()
         rank, size, local_size = hvd.rank(), hvd.size(), hvd.local_size()
     elif args.mode == "ddp" and size > 1:
+        # under srun there is no torchrun: the rendezvous comes from Slurm's variables
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(size))
         torch.distributed.init_process_group("gloo")
     if hvd is not None:
         from hvdtrain.torch.exchange import FlatExchange
@@ -94,7 +97,9 @@ def worker(args: argparse.Namespace) -> None:
     result = {"mode": args.mode, "rank": rank, "size": size, "threads": threads,
               "samples_per_s": args.batch_size * args.steps / elapsed,
               **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in timings.items()},
-              "params": sum(p.numel() for p in model.parameters())}
+              "params": sum(p.numel() for p in model.parameters()),
+              "settings": {k: getattr(args, k) for k in ("model", "width", "depth", "shape", "batch_size",
+                                                         "steps", "warmup")}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / f"{args.mode}-np{size}-rep{args.repeat}-rank{rank}.json", "w") as handle:
         json.dump(result, handle)
@@ -138,37 +143,43 @@ def collect(results_dir: Path) -> list[dict[str, Any]]:
     return table
 
 
-def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
-    out = Path(args.out)
-    raw = out / "raw"
-    worker_args = ["--model", args.model, "--width", str(args.width), "--depth", str(args.depth),
-                   "--shape", *map(str, args.shape), "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(raw)]
-    if args.threads:
-        worker_args += ["--threads", str(args.threads)]
-    # Repetitions interleave the modes, so a slow spell of a shared machine hits them alike.
-    for repeat in range(args.repeats):
-        for np in args.np:
-            for mode in args.modes:
-                print(f"scaling: {mode} np={np} (run {repeat + 1}/{args.repeats}) ...", flush=True)
-                _launch(mode, np, [*worker_args, "--repeat", str(repeat)], timeout=args.timeout)
+def write_scaling(out: Path) -> list[dict[str, Any]]:
+    """Aggregate raw/ into scaling.json (what `bench report` reads) and print the table."""
     table = collect(out)
+    if not table:
+        raise RuntimeError(f"{out / 'raw'}: no benchmark results")
+    first = json.loads(next(iter(sorted((out / "raw").glob("*-rank*.json")))).read_text())
     with open(out / "scaling.json", "w") as handle:
-        json.dump({"settings": vars(args) | {"horovod_env": _horovod_env()}, "rows": table}, handle, indent=2,
-                  default=str)
+        json.dump({"settings": {**first["settings"], "horovod_env": _horovod_env()}, "rows": table}, handle, indent=2)
     for row in table:
         eff = f"{row['efficiency']:.2f}" if row["efficiency"] is not None else "-"
-        print(f"{row['mode']:8s} np={row['ranks']}  {row['samples_per_s']:8.1f} samples/s  efficiency {eff}  "
+        print(f"{row['mode']:15s} np={row['ranks']}  {row['samples_per_s']:8.1f} samples/s  efficiency {eff}  "
               f"step {row['step_ms']:.1f} ms (fwd+bwd {row['forward_backward_ms']:.1f}, "
-              f"optimizer/comm {row['optimizer_step_ms']:.1f})")
+              f"exchange+optimizer {row['optimizer_step_ms']:.1f})")
     by = {(r["mode"], r["ranks"]): r["samples_per_s"] for r in table}
-    for np in args.np:
+    for np in sorted({r["ranks"] for r in table}):
         if ("horovod", np) in by and ("horovod-default", np) in by:
             print(f"np={np}: hvdtrain settings / Horovod defaults = {by['horovod', np] / by['horovod-default', np]:.2f}x")
         if ("horovod", np) in by and ("ddp", np) in by:
             print(f"np={np}: hvdtrain (Horovod) / DDP = {by['horovod', np] / by['ddp', np]:.2f}x (target >= 1.0)"
                   + (f", / ceiling = {by['horovod', np] / by['nocomm', np]:.2f}x" if ("nocomm", np) in by else ""))
     return table
+
+
+def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = Path(args.out)
+    raw = out / "raw"
+    worker_args = ["--model", args.model, "--width", str(args.width), "--depth", str(args.depth),
+                   "--shape", *map(str, args.shape), "--batch-size", str(args.batch_size),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(raw),
+                   "--threads", str(args.threads)]
+    # Repetitions interleave the modes, so a slow spell of a shared machine hits them alike.
+    for repeat in range(args.repeats):
+        for np in args.np:
+            for mode in args.modes:
+                print(f"scaling: {mode} np={np} (run {repeat + 1}/{args.repeats}) ...", flush=True)
+                _launch(mode, np, [*worker_args, "--repeat", str(repeat)], timeout=args.timeout)
+    return write_scaling(out)
 
 
 def _horovod_env() -> dict[str, str]:
@@ -196,12 +207,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "0: cores / ranks)")
 
 
-if __name__ == "__main__":  # the worker entry point the launchers start
+if __name__ == "__main__":  # entry points for launchers and job scripts (slurm/bench.sh)
     parser = argparse.ArgumentParser(prog="python -m hvdtrain.bench.scaling")
     sub = parser.add_subparsers(dest="command", required=True)
-    work = sub.add_parser("worker")
+    work = sub.add_parser("worker", help="one rank of a benchmark job")
     work.add_argument("--mode", choices=MODES, required=True)
     work.add_argument("--out", required=True)
     work.add_argument("--repeat", type=int, default=0)
     add_model_arguments(work)
-    worker(parser.parse_args())
+    gather = sub.add_parser("collect", help="write scaling.json from the ranks' files in OUT/raw")
+    gather.add_argument("--out", required=True)
+    cli_args = parser.parse_args()
+    if cli_args.command == "worker":
+        worker(cli_args)
+    else:
+        write_scaling(Path(cli_args.out))

@@ -3,3 +3,14 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def require_tf_keras() -> None:
+    """Fail in one line when tf-keras is missing: Horovod's TensorFlow ops break on Keras 3."""
+    import importlib.util
+
+    from hvdtrain.errors import ConfigError
+
+    if importlib.util.find_spec("tf_keras") is None:
+        raise ConfigError("framework: tensorflow needs tf-keras (pip install tf-keras==2.21.0): "
+                          "Horovod 0.28.1 does not work with Keras 3")
