@@ -109,6 +109,13 @@ def _bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_frameworks(args: argparse.Namespace) -> int:
+    from hvdtrain.bench import frameworks
+
+    frameworks.run(args.np, args.overrides, Path(args.out) if args.out else None)
+    return 0
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
@@ -215,6 +222,12 @@ def parser() -> argparse.ArgumentParser:
     ring.add_argument("--out", default="benchmarks/results")
     ring.add_argument("--timeout", type=float, default=600)
     ring.set_defaults(handler=_bench_allreduce)
+
+    compare = bench_sub.add_parser("frameworks", help="PyTorch vs TensorFlow training throughput")
+    compare.add_argument("--np", type=_ints, default=[1, 2])
+    compare.add_argument("--out", help="write the figures as JSON here")
+    compare.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+    compare.set_defaults(handler=_bench_frameworks)
 
     report = bench_sub.add_parser("report", help="report.md, report.json and plots from benchmark results")
     report.add_argument("results_dir")
