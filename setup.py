@@ -17,6 +17,10 @@ setup(
         "matplotlib",
         "pyyaml",
         "pydantic>=2",
+        "onnx",
+        "onnxruntime",
+        "ai-edge-litert",
+        "numba",
     ],
     extras_require={
         "dev": ["pytest", "hypothesis", "spython"],

@@ -47,6 +47,19 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from hvdtrain.quantize import stage
+
+    report = stage.run(Path(args.run_dir), args.format, args.calibration, args.max_accuracy_drop,
+                       args.calibration_data, args.dynamic)
+    for fmt in report["formats"]:
+        print(f"{fmt['format']}: {fmt['int8']['name']}: accuracy {fmt['fp32']['accuracy']:.4f} -> "
+              f"{fmt['int8']['accuracy']:.4f}, size x{fmt['size_ratio']:.2f}, batch-1 speed-up "
+              f"{fmt['speedup_b1']:.2f}x, batch-32 {fmt['speedup_b32']:.2f}x")
+    print(f"report: {Path(args.run_dir) / 'quantize' / 'quantize_report.md'}")
+    return 0
+
+
 def _data_shard(args: argparse.Namespace) -> int:
     from hvdtrain.shards import writer
 
@@ -116,6 +129,13 @@ def _bench_frameworks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_quantize(args: argparse.Namespace) -> int:
+    from hvdtrain.bench import quantize
+
+    quantize.run(Path(args.out) if args.out else None, Path(__file__).resolve().parents[1])
+    return 0
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
@@ -166,6 +186,16 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="YAML config file")
     check.add_argument("overrides", nargs="*", metavar="key=value")
     check.set_defaults(handler=_check)
+
+    quantize = sub.add_parser("quantize", help="int8 edge models (ONNX, TFLite) with an accuracy guard")
+    quantize.add_argument("--run-dir", required=True, help="a finished training run")
+    quantize.add_argument("--format", choices=["auto", "onnx", "tflite", "both"], default="auto",
+                          help="onnx for PyTorch runs, tflite for TensorFlow runs (auto/both: the run's own)")
+    quantize.add_argument("--calibration", type=int, default=512, help="training samples for calibration")
+    quantize.add_argument("--max-accuracy-drop", type=float, default=0.5, help="in accuracy points")
+    quantize.add_argument("--calibration-data", help="calibrate on this shard set instead of the training data")
+    quantize.add_argument("--dynamic", action="store_true", help="ONNX dynamic int8 (weights only) instead of static")
+    quantize.set_defaults(handler=_quantize)
 
     data = sub.add_parser("data", help="write, verify and inspect HDF5 shard sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -228,6 +258,10 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="write the figures as JSON here")
     compare.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     compare.set_defaults(handler=_bench_frameworks)
+
+    quantized = bench_sub.add_parser("quantize", help="int8 vs fp32: digits CNN and a ResNet-style CNN")
+    quantized.add_argument("--out", help="write the figures as JSON here")
+    quantized.set_defaults(handler=_bench_quantize)
 
     report = bench_sub.add_parser("report", help="report.md, report.json and plots from benchmark results")
     report.add_argument("results_dir")

@@ -29,5 +29,6 @@ for framework in torch tf; do
     run_dir="runs/digits-$framework-$STAMP"
     horovodrun -np "$NP" hvdtrain train --config "configs/digits-$framework.yaml" --run-dir "$run_dir"
     check "$run_dir"
+    hvdtrain quantize --run-dir "$run_dir"   # int8 ONNX (PyTorch) / TFLite (TensorFlow), with the accuracy guard
     echo "demo: run directory $REPO/$run_dir"
 done

@@ -1,0 +1,151 @@
+"""`hvdtrain quantize`: pick the int8 model that keeps accuracy, measure it, report it.
+
+Guard: static int8 with MinMax calibration first; if it loses more than the bound, Entropy and
+Percentile; then (ONNX) the most sensitive layers are kept in float, a group at a time, up to a third of
+the compute layers; (TFLite) float input/output with float fallback kernels. Nothing within the bound:
+exit code 1, with the report of what was tried.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from hvdtrain.data import Dataset
+from hvdtrain.errors import ConfigError, UserError
+from hvdtrain.quantize import common
+from hvdtrain.quantize.common import Candidate
+
+
+def _measure(name: str, path: Path, predict, inputs: common.Inputs) -> dict:
+    acc, labels = common.accuracy(predict, inputs.x_test, inputs.y_test)
+    return {"name": name, "path": str(path), "bytes": path.stat().st_size, "accuracy": acc, "labels": labels,
+            "latency_ms_b1": common.latency_ms(predict, inputs.x_test, 1),
+            "latency_ms_b32": common.latency_ms(predict, inputs.x_test, 32)}
+
+
+def _evaluate(candidate: Candidate, predict, inputs: common.Inputs, reference: np.ndarray) -> Candidate:
+    candidate.accuracy, labels = common.accuracy(predict, inputs.x_test, inputs.y_test)
+    candidate.agreement = float(np.mean(labels == reference))
+    return candidate
+
+
+def _onnx(run_dir: Path, out: Path, cfg, inputs: common.Inputs, bound: float, dynamic: bool):
+    from hvdtrain.quantize import onnx_path
+
+    dataset = Dataset(cfg.data, cfg.seed)
+    prepared = onnx_path.export(common.latest_checkpoint(run_dir), cfg, dataset.sample_shape,
+                                dataset.num_classes, out)
+    fp32_predict = onnx_path.session(prepared)
+    fp32 = _measure("fp32", prepared, fp32_predict, inputs)
+    tried: list[Candidate] = []
+
+    def attempt(name: str, path: Path, kept=()) -> Candidate:
+        candidate = _evaluate(Candidate(name, path, kept_in_float=list(kept)), onnx_path.session(path),
+                              inputs, fp32["labels"])
+        tried.append(candidate)
+        return candidate
+
+    def good(c: Candidate) -> bool:
+        return 100 * (fp32["accuracy"] - c.accuracy) <= bound
+
+    if dynamic:
+        chosen = attempt("dynamic int8", onnx_path.quantize_dynamic_int8(prepared, out / "model-int8.onnx"))
+        return fp32, chosen, tried, good(chosen), onnx_path.session(chosen.path)
+    best = None
+    for method in onnx_path.METHODS:
+        candidate = attempt(f"static int8 QDQ ({method})",
+                            onnx_path.quantize(prepared, out / f"model-int8-{method}.onnx", inputs.calibration, method))
+        best = candidate if best is None or candidate.accuracy > best.accuracy else best
+        if good(candidate):
+            break
+    if not good(best):
+        method = best.name.split("(")[1].rstrip(")")
+        with tempfile.TemporaryDirectory() as scratch:
+            groups = onnx_path.sensitive_nodes(prepared, best.path, inputs.calibration[:64], Path(scratch))
+        import onnx
+        compute = sum(n.op_type in onnx_path.COMPUTE_OPS for n in onnx.load(str(prepared)).graph.node)
+        kept: list[str] = []
+        for group in groups:
+            if len(set(kept + group)) > max(1, compute // 3):
+                break
+            kept = sorted(set(kept + group))
+            candidate = attempt(f"static int8 QDQ ({method}), {len(kept)} layer(s) in float",
+                                onnx_path.quantize(prepared, out / f"model-int8-float{len(kept)}.onnx",
+                                                   inputs.calibration, method, kept), kept)
+            if candidate.accuracy > best.accuracy:
+                best = candidate
+            if good(candidate):
+                break
+    final = out / "model-int8.onnx"
+    shutil.copyfile(best.path, final)
+    best.path = final
+    return fp32, best, tried, good(best), onnx_path.session(final)
+
+
+def _tflite(run_dir: Path, out: Path, inputs: common.Inputs, bound: float):
+    from hvdtrain.quantize import tflite_path
+
+    model = tflite_path.load_model(run_dir)
+    fp32_path = tflite_path.convert(model, out / "model-fp32.tflite", None)
+    fp32 = _measure("fp32", fp32_path, tflite_path.session(fp32_path), inputs)
+    tried = []
+    for name, integer_io, kept in (("full-integer int8", True, []),
+                                   ("int8 with float input/output and float fallback", False,
+                                    ["model input and output", "ops without int8 kernels"])):
+        path = tflite_path.convert(model, out / f"model-int8{'' if integer_io else '-float-io'}.tflite",
+                                   inputs.calibration, integer_io)
+        candidate = _evaluate(Candidate(name, path, kept_in_float=kept), tflite_path.session(path), inputs,
+                              fp32["labels"])
+        tried.append(candidate)
+        if 100 * (fp32["accuracy"] - candidate.accuracy) <= bound:
+            break
+    best = max(tried, key=lambda c: c.accuracy)
+    ok = 100 * (fp32["accuracy"] - best.accuracy) <= bound
+    return fp32, best, tried, ok, tflite_path.session(best.path)
+
+
+def run(run_dir: Path, fmt: str, calibration: int, bound: float, calibration_data: str | None = None,
+        dynamic: bool = False) -> dict:
+    cfg = common.run_config(run_dir)
+    available = "onnx" if cfg.framework == "torch" else "tflite"
+    formats = [available] if fmt in ("auto", "both") else [fmt]
+    if formats != [available]:
+        raise ConfigError(f"--format {fmt}: a {cfg.framework} run exports {available}; "
+                          f"train with framework: {'tensorflow' if fmt == 'tflite' else 'torch'} for {fmt}")
+    inputs = common.inputs(cfg, calibration, calibration_data)
+    out = run_dir / "quantize"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"run_dir": str(run_dir), "calibration_samples": len(inputs.calibration),
+              "calibration_data": calibration_data or "training shards", "test_samples": len(inputs.y_test),
+              "max_accuracy_drop": bound, "formats": []}
+    failed = []
+    for name in formats:
+        if name == "onnx":
+            fp32, best, tried, ok, predict = _onnx(run_dir, out, cfg, inputs, bound, dynamic)
+            runtime = "onnxruntime"
+        else:
+            fp32, best, tried, ok, predict = _tflite(run_dir, out, inputs, bound)
+            runtime = "LiteRT (ai-edge-litert)"
+        int8 = {"name": best.name, "path": str(best.path), "bytes": best.path.stat().st_size,
+                "accuracy": best.accuracy, "agreement": best.agreement, "kept_in_float": best.kept_in_float,
+                "latency_ms_b1": common.latency_ms(predict, inputs.x_test, 1),
+                "latency_ms_b32": common.latency_ms(predict, inputs.x_test, 32)}
+        fp32.pop("labels")
+        report["formats"].append({
+            "format": name, "runtime": runtime, "fp32": fp32, "int8": int8, "within_bound": ok,
+            "size_ratio": int8["bytes"] / fp32["bytes"],
+            "accuracy_drop_points": 100 * (fp32["accuracy"] - int8["accuracy"]),
+            "speedup_b1": fp32["latency_ms_b1"] / int8["latency_ms_b1"],
+            "speedup_b32": fp32["latency_ms_b32"] / int8["latency_ms_b32"],
+            "tried": [{"name": t.name, "accuracy": t.accuracy, "agreement": t.agreement,
+                       "kept_in_float": t.kept_in_float} for t in tried]})
+        if not ok:
+            failed.append(f"{name}: best int8 {best.accuracy:.4f} vs fp32 {fp32['accuracy']:.4f}")
+    common.write_report(out, report)
+    if failed:
+        raise UserError(f"no int8 model within {bound} points of fp32 ({'; '.join(failed)}); "
+                        f"see {out / 'quantize_report.md'}")
+    return report

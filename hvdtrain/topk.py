@@ -1,0 +1,87 @@
+"""Approximate top-k selection by magnitude, fast enough to run every step (framework-free).
+
+torch.topk on 25 M floats costs about 47 memcpy-times here. Instead (as DGC does): estimate the k-th
+largest magnitude from a stratified random sample, select everything above it in one compiled pass
+into preallocated buffers, and correct the threshold (at most a few passes, rarely needed) so the count
+lands within 10% of k; too many is trimmed to exactly k by a partition of the few candidates.
+Measured: about 0.2-0.3 clone-times at 25 M elements (see the compression issue's closing note).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+SAMPLE_MIN, SAMPLE_MAX = 25_000, 100_000
+TOLERANCE = 0.1
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _sample_abs(x, count, seed):
+    """|x| at one random position per stride (random, so periodic layouts cannot bias it)."""
+    n = x.shape[0]
+    out = np.empty(count, np.float32)
+    state = np.uint64(seed) | np.uint64(1)
+    for i in range(count):
+        lo = i * n // count
+        width = (i + 1) * n // count - lo
+        state ^= state << np.uint64(13)
+        state ^= state >> np.uint64(7)
+        state ^= state << np.uint64(17)
+        out[i] = abs(x[lo + np.int64(state % np.uint64(width))])
+    return out
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _select(x, threshold, indices, values):
+    """Entries with |x| >= threshold into the buffers; returns how many there are (may exceed capacity)."""
+    count = 0
+    capacity = indices.shape[0]
+    for i in range(x.shape[0]):
+        v = x[i]
+        if abs(v) >= threshold:
+            if count < capacity:
+                indices[count] = i
+                values[count] = v
+            count += 1
+    return count
+
+
+def _threshold(sample: np.ndarray, k: int, n: int, scale: float = 1.0) -> np.float32:
+    want = min(len(sample), max(1, round(len(sample) * k * scale / n)))
+    value = np.partition(sample, len(sample) - want)[len(sample) - want]
+    # mostly-zero tensors: never select zeros
+    return value if value > 0 else np.float32(np.finfo(np.float32).tiny)
+
+
+class TopK:
+    """Reusable selector (its buffers and random state persist across steps)."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, int64 indices) of about the k largest |x| (within 10% of k; fewer if x has fewer non-zeros)."""
+        n = x.shape[0]
+        k = max(1, min(k, n))
+        capacity = 2 * k + 64
+        if k not in self.buffers:
+            self.buffers[k] = (np.empty(capacity, np.int64), np.empty(capacity, np.float32))
+        indices, values = self.buffers[k]
+        sample_size = min(SAMPLE_MAX, max(SAMPLE_MIN, n // 250))
+        sample = np.abs(x) if n <= 4 * sample_size else _sample_abs(x, sample_size, self.rng.integers(1, 2**63))
+        threshold = _threshold(sample, k, n)
+        count = _select(x, threshold, indices, values)
+        for attempt in range(1, 5):  # bounded correction
+            if count > capacity:
+                threshold = max(np.nextafter(threshold, np.float32(np.inf)), _threshold(sample, k, n, 0.7 ** attempt))
+            elif count < (1 - TOLERANCE) * k and count < np.count_nonzero(sample) * n / len(sample):
+                threshold = min(np.nextafter(threshold, np.float32(0)), _threshold(sample, k, n, 1.5 ** attempt))
+            else:
+                break
+            count = _select(x, threshold, indices, values)
+        count = min(count, capacity)
+        if count > (1 + TOLERANCE) * k:  # too many: keep exactly the k largest of the candidates
+            keep = np.argpartition(np.abs(values[:count]), count - k)[count - k:]
+            return values[keep].copy(), indices[keep].copy()
+        return values[:count].copy(), indices[:count].copy()
