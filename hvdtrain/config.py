@@ -80,6 +80,16 @@ class HorovodConfig(_Section):
     gradient_exchange: Literal["auto", "flat", "overlap"] = "auto"
 
 
+class CompressionConfig(_Section):
+    # none | fp16 | bf16 | topk (allgather of values+indices, error feedback) | shared_topk (one index set
+    # per step chosen by a rotating leader, allreduce of values) | auto (measured choice of none vs topk)
+    method: Literal["none", "fp16", "bf16", "topk", "shared_topk", "auto"] = "none"
+    ratio: float = Field(0.01, gt=0, le=1, description="top-k: share of each tensor's entries sent per step")
+    min_size: int = Field(4096, ge=1, description="top-k: tensors smaller than this go through a dense allreduce")
+    auto_trial_steps: int = Field(10, ge=2, description="auto: steps timed per candidate")
+    auto_recheck_every: int = Field(500, ge=10, description="auto: steps between re-measurements")
+
+
 class Config(_Section):
     framework: Literal["torch", "tensorflow"] = "torch"
     seed: int = 42
@@ -88,6 +98,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     horovod: HorovodConfig = Field(default_factory=HorovodConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -43,6 +43,7 @@ class Adapter(Protocol):
     def save(self, path: Path, meta: dict) -> None: ...
     def load(self, path: Path) -> dict: ...
     def weights_digest(self) -> str: ...
+    def stats(self) -> dict: ...
     def versions(self) -> dict: ...
 
 
@@ -162,7 +163,7 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
                 loss_total, correct, count = adapter.sum(list(adapter.eval_sums(rank_data)), "eval")
                 record = {"step": done, "epoch": -(-done // steps_per_epoch), "train_loss": train_loss,
                           "test_loss": loss_total / count, "test_accuracy": correct / count,
-                          "samples_per_s": samples_per_s, "lr": lr}
+                          "samples_per_s": samples_per_s, "lr": lr, **adapter.stats()}
                 if is_root:
                     metrics.append(record)
                     progress.write(f"epoch {record['epoch']}: train_loss {train_loss:.4f}  "

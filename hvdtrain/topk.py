@@ -80,8 +80,23 @@ class TopK:
             else:
                 break
             count = _select(x, threshold, indices, values)
-        count = min(count, capacity)
+        if count > capacity or (count < (1 - TOLERANCE) * k and count < np.count_nonzero(x)):
+            # Ties around the threshold (e.g. many equal magnitudes) defeat any threshold: select exactly.
+            indices = np.argpartition(np.abs(x), n - k)[n - k:]
+            indices = indices[x[indices] != 0]
+            return x[indices], indices.astype(np.int64)
         if count > (1 + TOLERANCE) * k:  # too many: keep exactly the k largest of the candidates
             keep = np.argpartition(np.abs(values[:count]), count - k)[count - k:]
             return values[keep].copy(), indices[keep].copy()
         return values[:count].copy(), indices[:count].copy()
+
+
+def select_with_feedback(residual: np.ndarray, grad: np.ndarray, k: int, select: TopK) -> tuple[np.ndarray, np.ndarray]:
+    """Error feedback: m <- m + g; send the top-k of m; m[sent] <- 0 (residual is updated in place).
+
+    What is sent plus what stays in the residual is exactly what came in: nothing is lost, only delayed.
+    """
+    residual += grad
+    values, indices = select(residual, k)
+    residual[indices] = 0
+    return values, indices

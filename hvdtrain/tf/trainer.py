@@ -19,6 +19,7 @@ import horovod.tensorflow as hvd
 from hvdtrain import loop, runtime
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
+from hvdtrain.errors import ConfigError
 from hvdtrain.io import atomic_open
 from hvdtrain.tf.data import train_dataset
 from hvdtrain.tf.models import build
@@ -47,6 +48,7 @@ class TensorFlowAdapter:
         self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         mode = cfg.horovod.gradient_exchange  # auto: overlap on GPUs, flat on CPU nodes (as in PyTorch)
         self.overlap = mode == "overlap" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
+        self.half = {"fp16": tf.float16, "bf16": tf.bfloat16}.get(cfg.compression.method)
         signature = [tf.TensorSpec((None, *self.sample_shape), tf.float32), tf.TensorSpec((None,), tf.int64)]
         self._step = tf.function(self._train_step, input_signature=signature)
 
@@ -55,11 +57,16 @@ class TensorFlowAdapter:
             loss = self.loss(y, self.model(x, training=True))
         variables = self.model.trainable_variables
         if self.overlap:
-            grads = hvd.DistributedGradientTape(tape).gradient(loss, variables)
+            compression = hvd.Compression.fp16 if self.half is not None else hvd.Compression.none
+            grads = hvd.DistributedGradientTape(tape, compression=compression).gradient(loss, variables)
         else:
             grads = tape.gradient(loss, variables)
-            flat = hvd.allreduce(tf.concat([tf.reshape(g, [-1]) for g in grads], 0), op=hvd.Average,
-                                 name="flat_gradients")
+            flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+            if self.half is None:
+                flat = hvd.allreduce(flat, op=hvd.Average, name="flat_gradients")
+            else:  # sum in half precision, average in float32 (as the PyTorch adapter does)
+                summed = hvd.allreduce(tf.cast(flat, self.half), op=hvd.Sum, name="flat_gradients.half")
+                flat = tf.cast(summed, tf.float32) / self.size
             grads = [tf.reshape(part, v.shape) for part, v in
                      zip(tf.split(flat, [int(np.prod(v.shape)) for v in variables]), variables)]
         if self.cfg.train.weight_decay:  # L2 in the gradient, as torch.optim.SGD's weight_decay
@@ -122,6 +129,9 @@ class TensorFlowAdapter:
             digest.update(np.ascontiguousarray(weight).tobytes())
         return digest.hexdigest()
 
+    def stats(self) -> dict:
+        return {"compression": self.cfg.compression.method}
+
     def versions(self) -> dict:
         return {"tensorflow": tf.__version__, "horovod": horovod.__version__, "numpy": np.__version__}
 
@@ -134,6 +144,9 @@ class TensorFlowAdapter:
 
 
 def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
+    if cfg.compression.method not in ("none", "fp16", "bf16"):
+        raise ConfigError(f"compression.method: {cfg.compression.method} is available for framework torch; "
+                          "TensorFlow runs support none, fp16 and bf16")
     runtime.configure_horovod_env(cfg.horovod)
     hvd.init()
     threads = runtime.threads_per_rank(hvd.local_size())

@@ -17,12 +17,15 @@ from hvdtrain.config import Config
 from hvdtrain.data import Dataset
 from hvdtrain.io import atomic_open
 from hvdtrain.torch.data import train_batches
-from hvdtrain.torch.exchange import FlatExchange
+from hvdtrain.torch.exchange import COMPRESSORS, FlatExchange
 from hvdtrain.torch.models import build
 
 
 def exchange_mode(cfg: Config) -> str:
-    """`auto`: overlap on GPUs, where communication runs beside compute; flat on CPU nodes."""
+    """`auto`: overlap on GPUs, where communication runs beside compute; flat on CPU nodes.
+    Sparse compression (top-k, auto) needs the flat exchange."""
+    if cfg.compression.method in ("topk", "shared_topk", "auto"):
+        return "flat"
     if cfg.horovod.gradient_exchange != "auto":
         return cfg.horovod.gradient_exchange
     return "overlap" if torch.cuda.is_available() else "flat"
@@ -47,9 +50,11 @@ class TorchAdapter:
         self.optimizer = _optimizer(cfg, self.model)
         self.flat = None
         if exchange_mode(cfg) == "overlap":
-            self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.model.named_parameters())
+            compression = COMPRESSORS.get(cfg.compression.method, hvd.Compression.none)
+            self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.model.named_parameters(),
+                                                      compression=compression)
         else:
-            self.flat = FlatExchange(self.model)
+            self.flat = FlatExchange(self.model, cfg.compression)
 
     # collectives -------------------------------------------------------------------------------
     def sum(self, values: list[float], name: str) -> list[float]:
@@ -118,6 +123,9 @@ class TorchAdapter:
             digest.update(name.encode())
             digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
+
+    def stats(self) -> dict:
+        return self.flat.stats() if self.flat is not None else {"compression": self.cfg.compression.method}
 
     def versions(self) -> dict:
         return {"torch": torch.__version__, "horovod": horovod.__version__, "numpy": np.__version__}

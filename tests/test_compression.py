@@ -1,0 +1,103 @@
+"""Gradient compression: selection and error-feedback invariants, compressors, and real 2-rank runs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+
+from hvdtrain.topk import TopK, select_with_feedback
+from conftest import REPO, hvdtrain
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=arrays(np.float32, st.integers(1, 3000), elements=finite), ratio=st.floats(0.001, 1.0))
+def test_topk_selects_the_largest_magnitudes(x, ratio):
+    k = max(1, int(len(x) * ratio))
+    values, indices = TopK(seed=1)(x, k)
+    assert len(np.unique(indices)) == len(indices) and np.array_equal(x[indices], values)
+    nonzero = np.count_nonzero(x)
+    assert len(values) <= 1.1 * k + 1
+    assert len(values) >= min(0.9 * k, nonzero) - 1
+    unselected = np.delete(np.abs(x), indices)
+    if len(values) and len(unselected):
+        assert unselected.max() <= np.abs(values).min()
+
+
+def test_topk_count_is_within_ten_percent_on_large_heavy_tailed_tensors():
+    select = TopK(seed=3)
+    rng = np.random.default_rng(0)
+    for x in (rng.standard_normal(2_000_000).astype(np.float32), rng.standard_t(3, 2_000_000).astype(np.float32),
+              rng.laplace(size=2_000_000).astype(np.float32)):
+        values, _ = select(x, 20_000)
+        assert 0.9 * 20_000 <= len(values) <= 1.1 * 20_000
+
+
+@settings(max_examples=100, deadline=None)
+@given(residual=arrays(np.float32, 500, elements=st.floats(-100, 100, width=32)),
+       grad=arrays(np.float32, 500, elements=st.floats(-100, 100, width=32)), k=st.integers(1, 500))
+def test_error_feedback_loses_nothing(residual, grad, k):
+    incoming = residual + grad
+    values, indices = select_with_feedback(residual, grad, k, TopK(seed=0))
+    sent = np.zeros_like(residual)
+    sent[indices] = values
+    assert np.array_equal(sent + residual, incoming)  # what is sent plus what stays = what came in
+    assert np.all(residual[indices] == 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=arrays(np.float32, st.integers(1, 200), elements=st.floats(-6e4, 6e4, width=32)))
+def test_half_compressors_round_trip(x):
+    from hvdtrain.torch.exchange import BF16Compressor, FP16Compressor
+
+    tensor = torch.from_numpy(x)
+    for compressor, rtol in ((FP16Compressor, 1e-3), (BF16Compressor, 8e-3)):
+        packed, ctx = compressor.compress(tensor)
+        assert packed.dtype == compressor.dtype
+        restored = compressor.decompress(packed, ctx)
+        assert restored.dtype == torch.float32
+        assert torch.allclose(restored, tensor, rtol=rtol, atol=1e-3)
+    ints = torch.arange(5)
+    assert FP16Compressor.decompress(*FP16Compressor.compress(ints)).equal(ints)
+
+
+CONFIG = str(REPO / "configs/digits-torch.yaml")
+SHORT = ["data.source=digits", "train.max_steps=40", "train.log_every=10", "compression.min_size=1000"]
+
+
+@pytest.mark.parametrize("method", ["fp16", "bf16", "topk", "shared_topk", "auto"])
+def test_every_mode_keeps_ranks_identical_and_counts_bytes(method, tmp_path):
+    extra = ["compression.auto_trial_steps=3", "compression.auto_recheck_every=20"] if method == "auto" else []
+    hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path), *SHORT, f"compression.method={method}",
+             *extra, np=2, controller="gloo")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["weights_identical"], summary["weights_digests"]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["bytes_per_step"] > 0 and record["compression"].startswith(method)
+    if method == "auto":
+        assert record["compression"] in ("auto:none", "auto:topk") and set(record["auto_seconds"]) == {"none", "topk"}
+
+
+def test_fp16_on_cpu_matches_the_float32_average_where_horovods_fails(tmp_path):
+    """Horovod's fp16 compression averages in half precision, which fails on CPU tensors (its issue 2108)."""
+    common = ["--config", CONFIG, *SHORT, "model.name=mlp"]
+    hvdtrain("train", "--run-dir", str(tmp_path / "fp16"), *common, "compression.method=fp16", np=2)
+    hvdtrain("train", "--run-dir", str(tmp_path / "none"), *common, np=2)
+    half = torch.load(json.loads((tmp_path / "fp16/summary.json").read_text())["checkpoint"], weights_only=True)
+    full = torch.load(json.loads((tmp_path / "none/summary.json").read_text())["checkpoint"], weights_only=True)
+    for name in full["model"]:
+        assert torch.allclose(half["model"][name], full["model"][name], atol=5e-3), name
+
+
+def test_topk_with_error_feedback_matches_uncompressed_accuracy_on_digits(tmp_path):
+    accuracy = {}
+    for method in ("none", "topk"):
+        hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path / method), "data.source=digits",
+                 f"compression.method={method}", np=2)
+        summary = json.loads((tmp_path / method / "summary.json").read_text())
+        accuracy[method] = summary["final"]["test_accuracy"]
+        assert summary["steps"] == 660
+    assert accuracy["topk"] >= accuracy["none"] - 0.01, accuracy
