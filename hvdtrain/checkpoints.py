@@ -1,4 +1,9 @@
-"""Checkpoint files in a run directory: naming, finding the latest, keeping the last K."""
+"""Checkpoint files in a run directory: naming, integrity, finding the latest good one, keeping the last K.
+
+Each checkpoint is written atomically and followed by a `.sha256` file. A checkpoint whose digest is
+missing or wrong (a crash between the two writes, a damaged disk) is skipped on resume in favour of the
+previous one, with a warning.
+"""
 from __future__ import annotations
 
 import re
@@ -6,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from hvdtrain.errors import ConfigError
+from hvdtrain.io import file_sha256, write_text
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.(pt|npz)$")
 
@@ -18,8 +24,31 @@ def path_for(run_dir: Path, step: int, suffix: str = "pt") -> Path:
     return directory(run_dir) / f"ckpt-{step:08d}.{suffix}"
 
 
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def seal(path: Path) -> None:
+    """Record the digest of a checkpoint just written (atomically, after the checkpoint itself)."""
+    write_text(_digest_file(path), file_sha256(path) + "\n")
+
+
+def has_digest(path: Path) -> bool:
+    return _digest_file(path).is_file()
+
+
+def damage(path: Path) -> Optional[str]:
+    """Why a checkpoint cannot be trusted, or None if its digest matches."""
+    sidecar = _digest_file(path)
+    if not sidecar.is_file():
+        return "no digest (its write did not complete)"
+    if sidecar.read_text().strip() != file_sha256(path):
+        return "digest mismatch (damaged or modified)"
+    return None
+
+
 def existing(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary files of an interrupted write are ignored)."""
+    """Checkpoint files, oldest first (temporary files of an interrupted write are ignored)."""
     folder = directory(run_dir)
     if not folder.is_dir():
         return []
@@ -27,19 +56,19 @@ def existing(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def resolve(run_dir: Path, resume: str) -> Optional[Path]:
-    """`--resume`: 'none' starts fresh, 'auto' takes the latest checkpoint if any, else a path."""
+def candidates(run_dir: Path, resume: str) -> list[Path]:
+    """`--resume`: 'none' starts fresh; 'auto' tries the checkpoints newest first; else that one file."""
     if resume == "none":
-        return None
+        return []
     if resume == "auto":
-        found = existing(run_dir)
-        return found[-1] if found else None
+        return existing(run_dir)[::-1]
     path = Path(resume)
     if not path.is_file():
         raise ConfigError(f"--resume: {path}: checkpoint not found")
-    return path
+    return [path]
 
 
 def prune(run_dir: Path, keep: int) -> None:
     for old in existing(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        _digest_file(old).unlink(missing_ok=True)

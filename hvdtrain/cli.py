@@ -136,11 +136,24 @@ def _bench_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+def _bench_compression(args: argparse.Namespace) -> int:
+    from hvdtrain.bench import compression
+
+    compression.run(args.links, Path(args.out) if args.out else None)
+    return 0
+
+
+def _numbers(kind: type, example: str):
+    """argparse type for comma-separated numbers, e.g. `1,2,4`."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers like {example}, got {text!r}")
+    return parse
+
+
+_ints, _floats, _shape = _numbers(int, "1,2,4"), _numbers(float, "0.25,1,64"), _numbers(int, "3,64,64")
 
 
 def _modes(text: str) -> list[str]:
@@ -151,20 +164,6 @@ def _modes(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown mode(s) {sorted(unknown)}: use {', '.join(MODES)}")
     return modes
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-
-
-def _shape(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,64,64, got {text!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -262,6 +261,13 @@ def parser() -> argparse.ArgumentParser:
     quantized = bench_sub.add_parser("quantize", help="int8 vs fp32: digits CNN and a ResNet-style CNN")
     quantized.add_argument("--out", help="write the figures as JSON here")
     quantized.set_defaults(handler=_bench_quantize)
+
+    compress = bench_sub.add_parser("compression", help="step time and bytes per compression mode, per link "
+                                                        "(network namespaces with tc-capped links; needs root)")
+    compress.add_argument("--links", type=lambda t: t.split(","), default=["loopback", "10gbit", "1gbit"],
+                          help="loopback and/or tc rates such as 1gbit, 10gbit")
+    compress.add_argument("--out", help="write the figures as JSON here")
+    compress.set_defaults(handler=_bench_compression)
 
     report = bench_sub.add_parser("report", help="report.md, report.json and plots from benchmark results")
     report.add_argument("results_dir")

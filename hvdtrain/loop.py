@@ -78,15 +78,33 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter,
                      metrics: JsonlLog) -> tuple[int, Optional[str]]:
     """Rank 0: load the checkpoint to resume from (if any) and reset the metrics log to match it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    source = checkpoints.resolve(run_dir, resume)
     start_step, resumed_from = 0, None
-    if source is not None:
-        meta = adapter.load(source)
+    tried = checkpoints.candidates(run_dir, resume)
+    for source in tried:
+        problem = checkpoints.damage(source)
+        if problem is not None and resume != "auto" and not checkpoints.has_digest(source):
+            print(f"warning: {source} has no digest to verify; loading it as given", flush=True)
+            problem = None
+        if problem is None:
+            try:
+                meta = adapter.load(source)
+            except Exception as exc:  # any unreadable file is the same finding: fall back or say so
+                problem = f"unreadable ({type(exc).__name__})"
+        if problem is not None:
+            if resume != "auto":
+                raise ConfigError(f"--resume: {source}: {problem}")
+            print(f"warning: skipping checkpoint {source.name}: {problem}; falling back to an older one",
+                  flush=True)
+            continue
         start_step, resumed_from = int(meta["step"]), str(source)
         if meta["world_size"] != adapter.size:
             print(f"note: resuming a {meta['world_size']}-rank checkpoint on {adapter.size} ranks: "
                   "the global batch and data order change", flush=True)
-    elif checkpoints.existing(run_dir):
+        break
+    if tried and resumed_from is None and resume == "auto":
+        raise ConfigError(f"--run-dir {run_dir}: no intact checkpoint among {len(tried)}; "
+                          "resume from a copy or start a new run directory")
+    if resumed_from is None and resume == "none" and checkpoints.existing(run_dir):
         raise ConfigError(f"--run-dir {run_dir}: holds checkpoints of an earlier run; "
                           "continue it with --resume auto or choose a new run directory")
     _trim_metrics(metrics, start_step)
@@ -131,6 +149,7 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
         if is_root:
             adapter.save(path, {"step": step, "epoch": step // steps_per_epoch, "seed": cfg.seed,
                                 "world_size": size})
+            checkpoints.seal(path)
             checkpoints.prune(run_dir, cfg.checkpoint.keep)
         return path
 

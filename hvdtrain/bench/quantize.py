@@ -35,7 +35,7 @@ def run(out: Path | None, repo: Path) -> dict:
                            f"data.test={scratch}/digits/test"],
             "ResNet-style CNN": [str(repo / "configs/digits-torch.yaml"), f"data.train={scratch}/synthetic/train",
                                  f"data.test={scratch}/synthetic/test", "model.name=resnet", "model.width=64",
-                                 "model.depth=4", "train.epochs=2", "train.lr=0.02"],
+                                 "model.depth=4", "train.epochs=3", "train.lr=0.01", "train.warmup_steps=100"],
         }
         for name, (config, *overrides) in models.items():
             run_dir = scratch / name.split()[0]

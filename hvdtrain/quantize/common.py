@@ -39,10 +39,12 @@ def run_config(run_dir: Path) -> Config:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint whose digest matches (a damaged newest one falls back to the previous)."""
     found = checkpoints.existing(run_dir)
     if not found:
         raise ConfigError(f"--run-dir {run_dir}: no checkpoint in {checkpoints.directory(run_dir)}")
-    return found[-1]
+    intact = [p for p in found if checkpoints.damage(p) is None]
+    return (intact or found)[-1]
 
 
 def inputs(cfg: Config, calibration: int, calibration_data: Optional[str]) -> Inputs:

@@ -6,7 +6,6 @@ the same index is built by opening each file once, whatever chunking, compressio
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import h5py
 import numpy as np
 
 from hvdtrain.errors import ConfigError
+from hvdtrain.io import file_sha256
 
 INDEX_NAME = "index.json"
 FORMAT = "hvdtrain-shards/1"
@@ -153,14 +153,6 @@ def open_set(spec: Union[str, Sequence[str]], x_key: str = "x", y_key: str = "y"
     if not files:
         raise ConfigError(f"{origin}: {spec}: no HDF5 files found")
     return _scan(files, x_key, y_key, split)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify(shard_set: ShardSet) -> list[str]:

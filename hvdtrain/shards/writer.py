@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 
 from hvdtrain.errors import ConfigError
-from hvdtrain.io import write_json
-from hvdtrain.shards.index import FORMAT, INDEX_NAME, Shard, ShardSet, file_sha256
+from hvdtrain.io import file_sha256, write_json
+from hvdtrain.shards.index import FORMAT, INDEX_NAME, Shard, ShardSet
 
 CHUNK_BYTES = 1 << 20  # default chunk: about 1 MiB of samples
 WRITE_BYTES = 64 << 20  # a shard is generated and written in pieces of about this size

@@ -75,6 +75,7 @@ class FlatExchange:
         self.select = TopK(seed=hvd.rank())
         self.step = 0
         self.bytes_sent = 0
+        self.residual_pending = False  # error feedback holds gradient not yet sent
         self.auto_choice, self.auto_times, self.auto_trials = None, None, {"none": [], "topk": []}
 
     def zero_grad(self) -> None:
@@ -102,9 +103,10 @@ class FlatExchange:
 
     def _flush_residual(self) -> None:
         """Back to dense exchange: what error feedback held back is sent now, not lost."""
-        if self.residual is not None and self.residual.any():
+        if self.residual_pending:
             self.buffer[:self.split].add_(self.residual)
             self.residual.zero_()
+            self.residual_pending = False
 
     def _local_topk(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Error feedback: m += g; select top-k of m per tensor; m[selected] = 0. Indices in buffer space."""
@@ -118,6 +120,7 @@ class FlatExchange:
         return torch.from_numpy(np.concatenate(values)), torch.from_numpy(np.concatenate(indices))
 
     def _topk(self) -> int:
+        self.residual_pending = True
         values, indices = self._local_topk()
         all_values = hvd.allgather(values, name="topk.values")
         all_indices = hvd.allgather(indices.to(torch.int32), name="topk.indices")

@@ -1,0 +1,62 @@
+#!/bin/bash
+# Two "hosts" on this machine for communication benchmarks: network namespaces hvdb-h1 and hvdb-h2 on a
+# private bridge (10.78.0.0/24, the benchmark's own addresses), each link capped with tc when a rate is
+# given. Ranks are started in them by mpirun through the rsh agent below.
+#   hosts.sh up [RATE]    RATE like 1gbit or 10gbit; none: uncapped veth
+#   hosts.sh down
+#   hosts.sh agent HOST CMD...   (mpirun's plm_rsh_agent) run CMD inside HOST's namespace
+set -eu
+net=10.78.0
+bridge=hvdbbr0
+case "${1:-}" in
+    up)
+        rate=${2:-}
+        "$0" down
+        ip link add "$bridge" type bridge
+        ip addr add "$net.1/24" dev "$bridge"
+        ip link set "$bridge" up
+        for i in 1 2; do
+            ns=hvdb-h$i
+            mkdir -p "/etc/netns/$ns"
+            printf '127.0.0.1 localhost\n%s.1 %s\n%s.11 h1\n%s.12 h2\n' "$net" "$(hostname -s)" "$net" "$net" \
+                > "/etc/netns/$ns/hosts"
+            ip netns add "$ns"
+            ip link add "hvdbv$i" type veth peer name "hvdbv${i}p"
+            ip link set "hvdbv${i}p" netns "$ns"
+            ip link set "hvdbv$i" master "$bridge" up
+            ip -n "$ns" link set lo up
+            ip -n "$ns" link set "hvdbv${i}p" name eth0
+            ip -n "$ns" addr add "$net.1$i/24" dev eth0
+            ip -n "$ns" link set eth0 up
+            if [ -n "$rate" ]; then
+                ip netns exec "$ns" tc qdisc add dev eth0 root tbf rate "$rate" burst 256kb latency 50ms
+            fi
+        done
+        ;;
+    down)
+        for i in 1 2; do
+            ns=hvdb-h$i
+            if ip netns pids "$ns" >/dev/null 2>&1; then
+                pids=$(ip netns pids "$ns")
+                [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+                ip netns del "$ns"
+            fi
+            rm -rf "/etc/netns/$ns"
+            ip link del "hvdbv$i" 2>/dev/null || true
+        done
+        ip link del "$bridge" 2>/dev/null || true
+        rmdir /etc/netns 2>/dev/null || true
+        ;;
+    agent)
+        # mpirun calls: agent [options] HOST COMMAND...; skip ssh-style options it may pass
+        shift
+        while [ "${1:-}" != "${1#-}" ]; do shift; done
+        host=$1
+        shift
+        exec ip netns exec "hvdb-$host" sh -c "$*"
+        ;;
+    *)
+        echo "usage: $0 up [RATE] | down | agent HOST CMD..." >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,87 @@
+"""Injected faults: a killed rank, a damaged or half-written checkpoint."""
+import json
+import random
+import signal
+import time
+
+import torch
+
+from conftest import BIN, REPO, hvdtrain, rank_processes, start
+
+CONFIG = str(REPO / "configs/digits-torch.yaml")
+LONG = ["data.source=digits", "model.name=mlp", "train.max_steps=100000", "train.epochs=1000"]
+
+
+def launch(run_dir, *extra):
+    return start([str(BIN / "horovodrun"), "-np", "2", "--gloo", str(BIN / "hvdtrain"), "train", "--config", CONFIG,
+                  "--run-dir", str(run_dir), *LONG, *extra])
+
+
+def wait_for_ranks(marker, proc, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        ranks = rank_processes(str(marker))
+        if len(ranks) == 2 and (marker / "config.yaml").exists():
+            return sorted(ranks, key=lambda p: p.pid)
+        time.sleep(0.2)
+    raise AssertionError("ranks did not start")
+
+
+def test_killed_rank_ends_the_job_fast_with_nothing_left(tmp_path):
+    rng = random.Random(7)
+    worst = 0.0
+    for trial in range(3):
+        run_dir = tmp_path / f"trial{trial}"
+        proc = launch(run_dir)
+        ranks = wait_for_ranks(run_dir, proc)
+        time.sleep(rng.uniform(0.5, 4.0))  # a random step
+        victim = ranks[rng.randrange(2)]
+        victim_rank = victim.environ()["HOROVOD_RANK"]
+        killed_at = time.time()
+        victim.send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+        detection = time.time() - killed_at
+        worst = max(worst, detection)
+        assert proc.returncode != 0
+        assert detection < 60, f"job took {detection:.0f} s to end"
+        assert "exited with non-zero status" in output, output[-2000:]
+        assert f"Process name: {victim_rank}\nExit code: 137" in output, output[-2000:]  # the dead rank, by name
+        assert not rank_processes(str(run_dir)), "a rank was left behind"
+    print(f"worst detection time {worst:.1f} s")
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    common = ["--config", CONFIG, "data.source=digits", "model.name=mlp", "checkpoint.every_steps=10",
+              "train.log_every=5"]
+    hvdtrain("train", "--run-dir", str(tmp_path / "run"), *common, "train.max_steps=30", np=2)
+    newest = tmp_path / "run/checkpoints/ckpt-00000030.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a write cut short by a crash
+    resumed = hvdtrain("train", "--run-dir", str(tmp_path / "run"), *common, "train.max_steps=40", np=2)
+    assert "skipping checkpoint ckpt-00000030.pt: digest mismatch" in resumed.stdout
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["resumed_from"].endswith("ckpt-00000020.pt")
+    hvdtrain("train", "--run-dir", str(tmp_path / "straight"), *common, "train.max_steps=40", np=2)
+    straight = json.loads((tmp_path / "straight/summary.json").read_text())
+    a = torch.load(summary["checkpoint"], weights_only=True)["model"]
+    b = torch.load(straight["checkpoint"], weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_while_checkpointing_leaves_an_intact_previous_checkpoint(tmp_path):
+    # a large model checkpointed every step: the kill lands inside a write most of the time
+    proc = launch(tmp_path, "model.width=1024", "checkpoint.every_steps=1", "checkpoint.keep=2")
+    ranks = wait_for_ranks(tmp_path, proc)
+    deadline = time.time() + 60
+    while not list((tmp_path / "checkpoints").glob("*.sha256")):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(1.5)
+    ranks[0].send_signal(signal.SIGKILL)  # rank 0 writes the checkpoints
+    proc.communicate(timeout=120)
+    resumed = hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path), *LONG[:2], "model.width=1024",
+                       "checkpoint.every_steps=1", "checkpoint.keep=2", "train.max_steps=1", "train.epochs=1000",
+                       check=False)
+    # max_steps=1 is below the checkpoint: nothing more to train, but it must load an intact checkpoint
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from"] and "ckpt-" in summary["resumed_from"]
