@@ -13,6 +13,7 @@
 #   HVDTRAIN_BENCH_ARGS  extra model arguments for the workers (see `hvdtrain bench scaling --help`)
 #   HVDTRAIN_VENV        venv to use (the repository's .venv if it exists)
 #   HVDTRAIN_SRUN_MPI    srun --mpi plugin (pmix)
+#   GLOO_SOCKET_IFNAME   DDP (gloo) network interface, if gloo cannot find it from the host name
 #
 #SBATCH --job-name=hvdtrain-bench
 #SBATCH --nodes=2

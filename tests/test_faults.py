@@ -17,14 +17,15 @@ def launch(run_dir, *extra):
                   "--run-dir", str(run_dir), *LONG, *extra])
 
 
-def wait_for_ranks(marker, proc, timeout=90):
+def wait_for_ranks(marker, proc, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         ranks = rank_processes(str(marker))
         if len(ranks) == 2 and (marker / "config.yaml").exists():
             return sorted(ranks, key=lambda p: p.pid)
         time.sleep(0.2)
-    raise AssertionError("ranks did not start")
+    output = proc.communicate(timeout=60)[0] if proc.poll() is not None else "(still starting)"
+    raise AssertionError(f"ranks did not start:\n{output[-3000:]}")
 
 
 def test_killed_rank_ends_the_job_fast_with_nothing_left(tmp_path):
@@ -85,3 +86,4 @@ def test_sigkill_while_checkpointing_leaves_an_intact_previous_checkpoint(tmp_pa
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["resumed_from"] and "ckpt-" in summary["resumed_from"]
+

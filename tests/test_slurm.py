@@ -115,7 +115,8 @@ def test_bad_config_fails_the_job_fast_with_one_line(cluster, digits, tmp_path):
 
 def test_bench_script_sweeps_ranks_as_job_steps_and_reports(cluster, tmp_path):
     out = tmp_path / "bench"
-    job_env = dict(cluster, HVDTRAIN_BENCH_OUT=str(out),
+    # DDP's gloo finds its interface from the host name; on these namespace nodes it is eth0
+    job_env = dict(cluster, HVDTRAIN_BENCH_OUT=str(out), GLOO_SOCKET_IFNAME="eth0",
                    HVDTRAIN_BENCH_ARGS="--model mlp --shape 1 8 8 --steps 4 --warmup 1")
     proc = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={tmp_path / 'bench.out'}",
                            str(REPO / "slurm/bench.sh")], cwd=REPO, env=job_env, capture_output=True, text=True,

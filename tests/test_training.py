@@ -59,7 +59,7 @@ def test_resume_equals_a_straight_run(tmp_path):
     assert_same_weights(resumed_weights, straight_weights, tol=0)
     steps = [json.loads(line)["step"] for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after resume"
-    kept = sorted(p.name for p in (tmp_path / "split/checkpoints").iterdir())
+    kept = sorted(p.name for p in (tmp_path / "split/checkpoints").glob("*.pt"))
     assert kept == ["ckpt-00000049.pt", "ckpt-00000056.pt", "ckpt-00000060.pt"]
 
 

@@ -7,7 +7,6 @@ exit code 1, with the report of what was tried.
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,8 +37,9 @@ def _onnx(run_dir: Path, out: Path, cfg, inputs: common.Inputs, bound: float, dy
     dataset = Dataset(cfg.data, cfg.seed)
     prepared = onnx_path.export(common.latest_checkpoint(run_dir), cfg, dataset.sample_shape,
                                 dataset.num_classes, out)
-    fp32_predict = onnx_path.session(prepared)
-    fp32 = _measure("fp32", prepared, fp32_predict, inputs)
+    shipped_fp32 = onnx_path.compact(prepared, out / "model-fp32.onnx")  # sizes compare shipped files
+    fp32_predict = onnx_path.session(shipped_fp32)
+    fp32 = _measure("fp32", shipped_fp32, fp32_predict, inputs)
     tried: list[Candidate] = []
 
     def attempt(name: str, path: Path, kept=()) -> Candidate:
@@ -52,7 +52,8 @@ def _onnx(run_dir: Path, out: Path, cfg, inputs: common.Inputs, bound: float, dy
         return 100 * (fp32["accuracy"] - c.accuracy) <= bound
 
     if dynamic:
-        chosen = attempt("dynamic int8", onnx_path.quantize_dynamic_int8(prepared, out / "model-int8.onnx"))
+        chosen = attempt("dynamic int8", onnx_path.quantize_dynamic_int8(prepared, out / "model-int8-dynamic.onnx"))
+        chosen.path = onnx_path.compact(chosen.path, out / "model-int8.onnx")
         return fp32, chosen, tried, good(chosen), onnx_path.session(chosen.path)
     best = None
     for method in onnx_path.METHODS:
@@ -79,10 +80,8 @@ def _onnx(run_dir: Path, out: Path, cfg, inputs: common.Inputs, bound: float, dy
                 best = candidate
             if good(candidate):
                 break
-    final = out / "model-int8.onnx"
-    shutil.copyfile(best.path, final)
-    best.path = final
-    return fp32, best, tried, good(best), onnx_path.session(final)
+    best.path = onnx_path.compact(best.path, out / "model-int8.onnx")
+    return fp32, best, tried, good(best), onnx_path.session(best.path)
 
 
 def _tflite(run_dir: Path, out: Path, inputs: common.Inputs, bound: float):

@@ -86,7 +86,7 @@ class FlatExchange:
     # exchanges ---------------------------------------------------------------------------------
     def _dense(self, region: torch.Tensor) -> int:
         if region.numel():
-            hvd.allreduce_(region, op=hvd.Average, name=f"dense.{region.numel()}")
+            hvd.allreduce_(region, op=hvd.Average, name=f"gradients.dense.{region.numel()}")
         return region.numel() * region.element_size()
 
     def _half(self, compressor) -> int:
