@@ -4,6 +4,7 @@ import random
 import signal
 import time
 
+import pytest
 import torch
 
 from conftest import BIN, REPO, hvdtrain, rank_processes, start
@@ -12,9 +13,26 @@ CONFIG = str(REPO / "configs/digits-torch.yaml")
 LONG = ["data.source=digits", "model.name=mlp", "train.max_steps=100000", "train.epochs=1000"]
 
 
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(tmp_path):
+    """A failing test must not leave a 100000-step job running through the rest of the suite."""
+    yield
+    for rank in rank_processes(str(tmp_path)):
+        rank.kill()
+    for launcher in LAUNCHED:
+        if launcher.poll() is None:
+            launcher.kill()
+    LAUNCHED.clear()
+
+
+LAUNCHED = []
+
+
 def launch(run_dir, *extra):
-    return start([str(BIN / "horovodrun"), "-np", "2", "--gloo", str(BIN / "hvdtrain"), "train", "--config", CONFIG,
+    proc = start([str(BIN / "horovodrun"), "-np", "2", "--gloo", str(BIN / "hvdtrain"), "train", "--config", CONFIG,
                   "--run-dir", str(run_dir), *LONG, *extra])
+    LAUNCHED.append(proc)
+    return proc
 
 
 def wait_for_ranks(marker, proc, timeout=180):
