@@ -7,6 +7,7 @@ digest gather. A rank-dependent branch around a collective would hang the job, s
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -65,8 +66,6 @@ class StopRequest:
 
 def _trim_metrics(log: JsonlLog, last_step: int) -> None:
     """On resume, drop records written after the checkpoint so the log has each step once."""
-    import json
-
     if not log.path.exists():
         return
     kept = [line for line in log.path.read_text().splitlines()

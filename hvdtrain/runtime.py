@@ -1,13 +1,30 @@
 """Process-level settings that must be in place before Horovod or a framework starts."""
 import os
 
-from hvdtrain.config import HorovodConfig
+from hvdtrain.config import Config, HorovodConfig
+
+
+def horovod_env(cfg: HorovodConfig) -> dict[str, str]:
+    """hvdtrain's tuned Horovod settings as environment variables."""
+    return {"HOROVOD_CYCLE_TIME": f"{cfg.cycle_time_ms:g}",
+            "HOROVOD_FUSION_THRESHOLD": str(int(cfg.fusion_threshold_mb * 1024 * 1024))}
 
 
 def configure_horovod_env(cfg: HorovodConfig) -> None:
-    """hvdtrain's tuned Horovod defaults; a variable the user exported wins."""
-    os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{cfg.cycle_time_ms:g}")
-    os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(int(cfg.fusion_threshold_mb * 1024 * 1024)))
+    """Apply them before hvd.init(); a variable the user exported wins."""
+    for name, value in horovod_env(cfg).items():
+        os.environ.setdefault(name, value)
+
+
+def exchange_mode(cfg: Config, has_gpu: bool) -> str:
+    """How gradients are averaged (see hvdtrain.torch.exchange): `auto` overlaps on GPUs, where
+    communication runs beside compute, and uses one flat allreduce on CPU nodes; sparse compression
+    (top-k, auto) needs the flat exchange. Both framework adapters decide it here."""
+    if cfg.compression.method in ("topk", "shared_topk", "auto"):
+        return "flat"
+    if cfg.horovod.gradient_exchange != "auto":
+        return cfg.horovod.gradient_exchange
+    return "overlap" if has_gpu else "flat"
 
 
 def threads_per_rank(local_size: int) -> int:

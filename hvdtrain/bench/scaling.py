@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hvdtrain import runtime
+from hvdtrain.config import HorovodConfig
+
 # horovod: hvdtrain's path (its tuned settings and gradient exchange); horovod-default: Horovod's own
 # DistributedOptimizer with Horovod's default settings; ddp: torch DDP (gloo); nocomm: the ceiling.
 MODES = ("horovod", "horovod-default", "ddp", "nocomm")
@@ -39,8 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from hvdtrain import runtime
-    from hvdtrain.config import Config, HorovodConfig, ModelConfig
+    from hvdtrain.config import Config, ModelConfig
     from hvdtrain.torch.models import build
 
     rank, size, local_size = _world()
@@ -58,7 +60,6 @@ def worker(args: argparse.Namespace) -> None:
         torch.distributed.init_process_group("gloo")
     if hvd is not None:
         from hvdtrain.torch.exchange import FlatExchange
-        from hvdtrain.torch.trainer import exchange_mode
     threads = args.threads or runtime.threads_per_rank(local_size)
     torch.set_num_threads(threads)
 
@@ -66,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     shape = tuple(args.shape)
     model = build(ModelConfig(name=args.model, width=args.width, depth=args.depth), shape, 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if args.mode == "horovod" and exchange_mode(Config()) == "flat":
+    if args.mode == "horovod" and runtime.exchange_mode(Config(), torch.cuda.is_available()) == "flat":
         flat = FlatExchange(model)
     elif args.mode.startswith("horovod"):
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
@@ -150,7 +151,8 @@ def write_scaling(out: Path) -> list[dict[str, Any]]:
         raise RuntimeError(f"{out / 'raw'}: no benchmark results")
     first = json.loads(next(iter(sorted((out / "raw").glob("*-rank*.json")))).read_text())
     with open(out / "scaling.json", "w") as handle:
-        json.dump({"settings": {**first["settings"], "horovod_env": _horovod_env()}, "rows": table}, handle, indent=2)
+        json.dump({"settings": {**first["settings"], "horovod_env": {**runtime.horovod_env(HorovodConfig()),
+                                                                       **_exported_horovod_env()}}, "rows": table}, handle, indent=2)
     for row in table:
         eff = f"{row['efficiency']:.2f}" if row["efficiency"] is not None else "-"
         print(f"{row['mode']:15s} np={row['ranks']}  {row['samples_per_s']:8.1f} samples/s  efficiency {eff}  "
@@ -182,16 +184,9 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return write_scaling(out)
 
 
-def _horovod_env() -> dict[str, str]:
-    from hvdtrain.config import HorovodConfig
-    from hvdtrain import runtime
-
-    saved = dict(os.environ)
-    runtime.configure_horovod_env(HorovodConfig())
-    settings = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
-    os.environ.clear()
-    os.environ.update(saved)
-    return settings
+def _exported_horovod_env() -> dict[str, str]:
+    """Variables the user exported win over hvdtrain's settings, in the workers as in the record."""
+    return {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,8 @@ class Inputs:
     calibration: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    sample_shape: tuple[int, ...]
+    num_classes: int
 
 
 @dataclass
@@ -49,21 +51,21 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 def inputs(cfg: Config, calibration: int, calibration_data: Optional[str]) -> Inputs:
     """Calibration samples from the training data (shuffled as training reads it), and the test set."""
-    data_cfg = cfg.data
+    dataset = Dataset(cfg.data, cfg.seed)
+    calibration_set = dataset
     if calibration_data:
-        data_cfg = data_cfg.model_copy(update={"source": "hdf5", "train": calibration_data,
-                                               "test": calibration_data})
-    dataset = Dataset(data_cfg, cfg.seed)
+        calibration_set = Dataset(cfg.data.model_copy(update={"source": "hdf5", "train": calibration_data,
+                                                              "test": calibration_data}), cfg.seed)
     batch = min(64, calibration)
-    train_view = dataset.for_rank(batch, 0, 1)
+    train_view = calibration_set.for_rank(batch, 0, 1)
     parts = []
     for x, _ in train_view.batches(0, train_view.steps_per_epoch):
         parts.append(np.asarray(x, np.float32))
         if sum(len(p) for p in parts) >= calibration:
             break
-    test = Dataset(cfg.data, cfg.seed).for_rank(1, 0, 1)
-    xs, ys = zip(*test.eval_batches())
-    return Inputs(np.concatenate(parts)[:calibration], np.concatenate(xs).astype(np.float32), np.concatenate(ys))
+    xs, ys = zip(*dataset.for_rank(1, 0, 1).eval_batches())
+    return Inputs(np.concatenate(parts)[:calibration], np.concatenate(xs).astype(np.float32), np.concatenate(ys),
+                  tuple(dataset.sample_shape), dataset.num_classes)
 
 
 def accuracy(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError, UserError
 from hvdtrain.quantize import common
 from hvdtrain.quantize.common import Candidate
@@ -34,9 +33,8 @@ def _evaluate(candidate: Candidate, predict, inputs: common.Inputs, reference: n
 def _onnx(run_dir: Path, out: Path, cfg, inputs: common.Inputs, bound: float, dynamic: bool):
     from hvdtrain.quantize import onnx_path
 
-    dataset = Dataset(cfg.data, cfg.seed)
-    prepared = onnx_path.export(common.latest_checkpoint(run_dir), cfg, dataset.sample_shape,
-                                dataset.num_classes, out)
+    prepared = onnx_path.export(common.latest_checkpoint(run_dir), cfg, inputs.sample_shape,
+                                inputs.num_classes, out)
     shipped_fp32 = onnx_path.compact(prepared, out / "model-fp32.onnx")  # sizes compare shipped files
     fp32_predict = onnx_path.session(shipped_fp32)
     fp32 = _measure("fp32", shipped_fp32, fp32_predict, inputs)

@@ -46,8 +46,8 @@ class TensorFlowAdapter:
         self.optimizer.build(self.model.trainable_variables)  # slots exist before they are broadcast
         self.lr = tf.Variable(cfg.train.lr, dtype=tf.float32, trainable=False)
         self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        mode = cfg.horovod.gradient_exchange  # auto: overlap on GPUs, flat on CPU nodes (as in PyTorch)
-        self.overlap = mode == "overlap" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
+        has_gpu = bool(tf.config.list_physical_devices("GPU"))
+        self.overlap = runtime.exchange_mode(cfg, has_gpu) == "overlap"
         self.half = {"fp16": tf.float16, "bf16": tf.bfloat16}.get(cfg.compression.method)
         signature = [tf.TensorSpec((None, *self.sample_shape), tf.float32), tf.TensorSpec((None,), tf.int64)]
         self._step = tf.function(self._train_step, input_signature=signature)

@@ -74,7 +74,7 @@ class FlatExchange:
         self.residual = torch.zeros(self.split, dtype=self.buffer.dtype) if self.split else None
         self.select = TopK(seed=hvd.rank())
         self.step = 0
-        self.bytes_sent = 0
+        self.bytes_sent, self.stats_step = 0, 0
         self.residual_pending = False  # error feedback holds gradient not yet sent
         self.auto_choice, self.auto_times, self.auto_trials = None, None, {"none": [], "topk": []}
 
@@ -198,10 +198,10 @@ class FlatExchange:
 
     def stats(self) -> dict:
         """Bytes this rank put on the wire per step since the last call, and the auto decision."""
-        steps = max(1, self.step - getattr(self, "_stats_step", 0))
+        steps = max(1, self.step - self.stats_step)
         result = {"bytes_per_step": self.bytes_sent / steps, "compression": self.cfg.method}
         if self.cfg.method == "auto" and self.auto_choice:
             result.update(compression=f"auto:{self.auto_choice}", auto_seconds={"none": self.auto_times[0],
                                                                                   "topk": self.auto_times[1]})
-        self.bytes_sent, self._stats_step = 0, self.step
+        self.bytes_sent, self.stats_step = 0, self.step
         return result

@@ -21,16 +21,6 @@ from hvdtrain.torch.exchange import COMPRESSORS, FlatExchange
 from hvdtrain.torch.models import build
 
 
-def exchange_mode(cfg: Config) -> str:
-    """`auto`: overlap on GPUs, where communication runs beside compute; flat on CPU nodes.
-    Sparse compression (top-k, auto) needs the flat exchange."""
-    if cfg.compression.method in ("topk", "shared_topk", "auto"):
-        return "flat"
-    if cfg.horovod.gradient_exchange != "auto":
-        return cfg.horovod.gradient_exchange
-    return "overlap" if torch.cuda.is_available() else "flat"
-
-
 def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adam":
@@ -49,7 +39,7 @@ class TorchAdapter:
         self.model = build(cfg.model, dataset.sample_shape, dataset.num_classes)
         self.optimizer = _optimizer(cfg, self.model)
         self.flat = None
-        if exchange_mode(cfg) == "overlap":
+        if runtime.exchange_mode(cfg, torch.cuda.is_available()) == "overlap":
             compression = COMPRESSORS.get(cfg.compression.method, hvd.Compression.none)
             self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.model.named_parameters(),
                                                       compression=compression)
