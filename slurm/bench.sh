@@ -10,6 +10,7 @@
 # Environment variables:
 #   HVDTRAIN_BENCH_OUT   results directory (benchmarks/results-<job id>); `hvdtrain bench report` reads it
 #   HVDTRAIN_BENCH_NP    rank counts to sweep (1, 2, 4, ... up to the allocation's tasks)
+#   HVDTRAIN_BENCH_MODES modes to run (horovod horovod-default ddp nocomm)
 #   HVDTRAIN_BENCH_ARGS  extra model arguments for the workers (see `hvdtrain bench scaling --help`)
 #   HVDTRAIN_VENV        venv to use (the repository's .venv if it exists)
 #   HVDTRAIN_SRUN_MPI    srun --mpi plugin (pmix)
@@ -45,11 +46,14 @@ for np in $HVDTRAIN_BENCH_NP; do
     nodes=$(( np < SLURM_JOB_NUM_NODES ? np : SLURM_JOB_NUM_NODES ))
     step=(srun --nodes="$nodes" --ntasks="$np" --kill-on-bad-exit=1)
     echo "bench: $np rank(s) on $nodes node(s)"
-    "${step[@]}" --mpi="${HVDTRAIN_SRUN_MPI:-pmix}" "${worker[@]}" --mode horovod
-    "${step[@]}" --mpi="${HVDTRAIN_SRUN_MPI:-pmix}" "${worker[@]}" --mode horovod-default
-    # DDP and the ceiling read their rank from Slurm; DDP meets at the first node.
-    MASTER_ADDR="$master" MASTER_PORT=$((29500 + np)) "${step[@]}" "${worker[@]}" --mode ddp
-    "${step[@]}" "${worker[@]}" --mode nocomm
+    for mode in ${HVDTRAIN_BENCH_MODES:-horovod horovod-default ddp nocomm}; do
+        case "$mode" in
+            horovod*) "${step[@]}" --mpi="${HVDTRAIN_SRUN_MPI:-pmix}" "${worker[@]}" --mode "$mode" ;;
+            # DDP and the ceiling read their rank from Slurm; DDP meets at the first node.
+            ddp) MASTER_ADDR="$master" MASTER_PORT=$((29500 + np)) "${step[@]}" "${worker[@]}" --mode ddp ;;
+            *) "${step[@]}" "${worker[@]}" --mode "$mode" ;;
+        esac
+    done
 done
 "$python" -m hvdtrain.bench.scaling collect --out "$out"
 "$venv/bin/hvdtrain" bench report "$out"
