@@ -16,7 +16,7 @@ from hvdtrain.errors import ConfigError
 from hvdtrain.shards import writer
 from hvdtrain.shards.index import open_set, verify
 from hvdtrain.shards.plan import ShardPlan, eval_segments
-from hvdtrain.shards.reader import ShardReader
+from hvdtrain.shards.reader import ShardReader, raw_layout
 from conftest import REPO, run, BIN
 
 
@@ -135,7 +135,7 @@ def test_workers_forked_after_reading_reopen_their_files(id_shards):
     rank_data = dataset.for_rank(4, 0, 1)
     windows = rank_data.windows(0, rank_data.steps_per_epoch)
     expected = [rank_data.train_reader.read_window(w)[0] for w in windows]  # opens handles in the parent
-    assert rank_data.train_reader._files
+    assert rank_data.train_reader._open
     loader = torch.utils.data.DataLoader(WindowDataset(rank_data.train_reader, windows), batch_size=None,
                                          num_workers=2, multiprocessing_context=multiprocessing.get_context("fork"))
     got = [x.numpy() for x, _ in loader]
@@ -171,6 +171,45 @@ def test_users_hdf5_files_any_layout(tmp_path):
     reader = ShardReader(users)
     ids = np.concatenate([reader.read_window(w)[0][:, 0] for w in plan.windows(0)])
     assert sorted(ids.astype(int)) == list(range(90))
+
+
+def test_unfiltered_shards_are_read_raw_and_match_hdf5(tmp_path):
+    """preadv at HDF5's chunk offsets returns exactly what h5py returns, edge chunks included."""
+    x, y = id_arrays(101, shape=(3, 2))
+    layouts = [dict(chunks=(8, 3, 2)), dict(), dict(chunks=(8, 3, 2), compression="gzip"), dict(chunks=(8, 1, 2))]
+    for i, layout in enumerate(layouts):
+        with h5py.File(tmp_path / f"part-{i}.h5", "w") as handle:
+            handle.create_dataset("x", data=x, **layout)
+            handle.create_dataset("y", data=y)
+    shard_set = open_set(str(tmp_path / "part-*.h5"))
+    reader = ShardReader(shard_set)
+    raw = [reader._shard(i).layout is not None for i in range(4)]
+    assert raw == [True, True, False, False]  # chunked, contiguous; gzip and split samples go through HDF5
+    plan = ShardPlan(shard_set.counts, shard_set.block_samples(), 7, 0, 1, seed=3, window_batches=2)
+    for window in plan.windows(0):
+        got, labels = reader.read_window(window)
+        ids = plan.sample_ids(window)
+        assert np.array_equal(got, x[ids % 101]) and np.array_equal(labels, y[ids % 101])
+    with h5py.File(tmp_path / "part-0.h5") as handle:
+        layout = raw_layout(handle, handle["x"], np.dtype("float32"))
+        assert len(layout.offsets) == 13 and (layout.offsets > 0).all()
+        assert raw_layout(handle, handle["x"], np.dtype("float64")) is None  # h5py converts dtypes
+
+
+def test_batches_a_caller_keeps_are_never_overwritten(tmp_path):
+    x, y = id_arrays(400)
+    np.savez(tmp_path / "ids.npz", x=x, y=y)
+    assert main(["data", "shard", "--source", f"npz:{tmp_path / 'ids.npz'}", "--out", str(tmp_path / "ids"),
+                 "--shards", "3", "--chunk-samples", "8", "--test-fraction", "0.1"]) == 0
+    dataset = Dataset(DataConfig(source="hdf5", train=str(tmp_path / "ids/train"), test=str(tmp_path / "ids/test"),
+                                 shuffle_buffer_mb=0.0005), seed=2)
+    rank_data = dataset.for_rank(4, 0, 1)
+    kept = list(rank_data.batches(0, rank_data.steps_per_epoch))  # every batch held at once
+    streamed = [x[:, 0, 0, 0].copy() for x, _ in rank_data.batches(0, rank_data.steps_per_epoch)]
+    ids = np.concatenate([x[:, 0, 0, 0] for x, _ in kept])
+    assert len(set(ids.tolist())) == len(ids) == rank_data.steps_per_epoch * 4
+    assert all(np.array_equal(k[0][:, 0, 0, 0], s) for k, s in zip(kept, streamed))
+    assert all(np.array_equal(k[1], k[0][:, 0, 0, 0].astype(int) % 3) for k in kept)
 
 
 # ---- bad input: one line, exit code 2 -------------------------------------------------------------

@@ -3,12 +3,20 @@
 Files are opened lazily in the process that reads and reopened after a fork: an h5py handle inherited
 across fork shares HDF5 library state with the parent and corrupts reads. The reader pickles without
 its handles, so it can be sent to DataLoader worker processes.
+
+Samples of an unfiltered dataset (no compression, checksum or shuffle filter; contiguous, or chunked
+with whole samples per chunk) are read with `os.preadv` at the file offsets HDF5 reports for its chunks.
+h5py serialises every call on one lock and holds the GIL while HDF5 reads, so a read-ahead thread
+reading through h5py stalls the training thread; `preadv` releases the GIL. HDF5 still opens, checks
+and describes every file; filtered or unusual layouts are read through h5py.
 """
 from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import h5py
@@ -19,38 +27,100 @@ from hvdtrain.shards.index import ShardSet, open_h5
 from hvdtrain.shards.plan import Segment, Window
 
 
+@dataclass(frozen=True)
+class RawLayout:
+    """Where an unfiltered dataset's samples lie in its file: chunk i starts at `offsets[i]`."""
+    chunk_samples: int   # samples per chunk (the whole dataset when contiguous)
+    offsets: np.ndarray  # byte offset of each chunk in the file; -1 where a chunk was never written
+
+
+def raw_layout(handle: h5py.File, ds: h5py.Dataset, dtype: np.dtype) -> Optional[RawLayout]:
+    """The dataset's raw layout when its bytes are exactly the samples in `dtype`, else None."""
+    plist = ds.id.get_create_plist()
+    if (ds.dtype != dtype or plist.get_nfilters() or plist.get_external_count() or handle.userblock_size
+            or plist.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED)):
+        return None
+    if ds.chunks is None:
+        offset = ds.id.get_offset()
+        return None if offset is None else RawLayout(max(1, ds.shape[0]), np.array([offset], np.int64))
+    if tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
+        return None  # a sample is split across chunks
+    chunk = ds.chunks[0]
+    offsets = np.full(-(-ds.shape[0] // chunk), -1, np.int64)
+
+    def visit(info) -> None:
+        offsets[info.chunk_offset[0] // chunk] = info.byte_offset
+
+    ds.id.chunk_iter(visit)
+    return RawLayout(chunk, offsets)
+
+
+class _OpenShard:
+    """One shard's open handles in this process."""
+
+    def __init__(self, handle: h5py.File, x: h5py.Dataset, y: h5py.Dataset, dtype: np.dtype):
+        self.handle, self.x, self.y = handle, x, y
+        self.layout = raw_layout(handle, x, dtype)
+        self.raw = open(handle.filename, "rb", buffering=0) if self.layout is not None else None
+
+
 class ShardReader:
     def __init__(self, shard_set: ShardSet):
         self.shard_set = shard_set
-        self._files: dict[int, h5py.File] = {}
+        self._open: dict[int, _OpenShard] = {}
         self._pid: Optional[int] = None
 
     def __getstate__(self) -> dict:
-        return {"shard_set": self.shard_set, "_files": {}, "_pid": None}
+        return {"shard_set": self.shard_set, "_open": {}, "_pid": None}
 
-    def _datasets(self, shard: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+    def _shard(self, shard: int) -> _OpenShard:
         if self._pid != os.getpid():
-            self._files, self._pid = {}, os.getpid()  # never use handles from another process
-        handle = self._files.get(shard)
-        if handle is None:
+            self._open, self._pid = {}, os.getpid()  # never use handles from another process
+        opened = self._open.get(shard)
+        if opened is None:
             info = self.shard_set.shards[shard]
             chunk_bytes = (info.chunk_samples or 1) * self.shard_set.sample_bytes
             # A chunk cache of a few chunks serves the partial chunks at block and window edges;
             # whole-chunk reads bypass it.
             handle = open_h5(self.shard_set.shard_path(shard), rdcc_nbytes=max(1 << 20, 4 * chunk_bytes),
                              rdcc_nslots=10007)
-            self._files[shard] = handle
-        return handle[self.shard_set.x_key], handle[self.shard_set.y_key]
+            opened = _OpenShard(handle, handle[self.shard_set.x_key], handle[self.shard_set.y_key],
+                                np.dtype(self.shard_set.x_dtype))
+            self._open[shard] = opened
+        return opened
+
+    def _read_raw(self, opened: _OpenShard, segment: Segment, x: np.ndarray, offset: int) -> bool:
+        """preadv the segment's samples into x[offset:]; False when some chunk must go through HDF5."""
+        layout, sample_bytes = opened.layout, self.shard_set.sample_bytes
+        if layout is None or not x.flags.c_contiguous:
+            return False
+        chunk = layout.chunk_samples
+        first, last = segment.start // chunk, (segment.stop - 1) // chunk
+        if (layout.offsets[first:last + 1] < 0).any():
+            return False  # unwritten chunks read as the fill value, which only HDF5 knows
+        dest = memoryview(x.reshape(-1).view(np.uint8))[offset * sample_bytes:]
+        start = segment.start
+        while start < segment.stop:
+            c = start // chunk
+            stop = min((c + 1) * chunk, segment.stop)
+            want = (stop - start) * sample_bytes
+            got = os.preadv(opened.raw.fileno(), [dest[:want]],
+                            int(layout.offsets[c]) + (start - c * chunk) * sample_bytes)
+            if got != want:
+                raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
+            dest, start = dest[want:], stop
+        return True
 
     def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray) -> int:
         """Read the segments back to back into the front of x and y; returns the sample count."""
         offset = 0
         for segment in segments:
-            x_ds, y_ds = self._datasets(segment.shard)
+            opened = self._shard(segment.shard)
             dest = np.s_[offset:offset + len(segment)]
             try:
-                x_ds.read_direct(x, np.s_[segment.start:segment.stop], dest)
-                y_ds.read_direct(y, np.s_[segment.start:segment.stop], dest)
+                if not self._read_raw(opened, segment, x, offset):
+                    opened.x.read_direct(x, np.s_[segment.start:segment.stop], dest)
+                opened.y.read_direct(y, np.s_[segment.start:segment.stop], dest)
             except (OSError, ValueError) as exc:
                 path = self.shard_set.shard_path(segment.shard)
                 raise ConfigError(f"{path}: cannot read samples {segment.start}..{segment.stop} "
@@ -82,15 +152,37 @@ def split_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tup
         yield x[start:start + batch_size], y[start:start + batch_size]
 
 
+class BatchBuffers:
+    """Batch arrays reused round-robin, but only once nobody outside holds them.
+
+    Gathering into fresh arrays costs a page fault and a kernel zero-fill per page, as much as the
+    gather itself. A batch the caller still holds (or a view of it, or a tensor made from it) keeps a
+    reference, so it is never overwritten: a fresh array takes its place in the rotation.
+    """
+
+    def __init__(self, count: int, make: Callable[[], np.ndarray]):
+        self._make = make
+        self._pool = [make() for _ in range(count)]
+        self._next = 0
+
+    def take(self) -> np.ndarray:
+        i = self._next
+        self._next = (i + 1) % len(self._pool)
+        # references: the pool, the getrefcount argument; anything more is a caller's batch
+        if sys.getrefcount(self._pool[i]) > 2:
+            self._pool[i] = self._make()
+        return self._pool[i]
+
+
 def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_size: int,
                        first_batch: Callable[[Window], int] = lambda w: 0,
                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches of the windows, in order, with the next window read by a thread while these are cut.
 
     Two window buffers are reused (no fresh pages per window); each batch is gathered from the read
-    buffer through the window's permutation into its own array, so callers may keep batches. h5py
-    reads and NumPy gathers both release the GIL, so reading and gathering overlap on two cores.
-    `first_batch(window)` skips that many batches of a window (resuming mid-window).
+    buffer through the window's permutation into a recycled batch array (see BatchBuffers), so callers
+    may keep batches. h5py reads and NumPy gathers both release the GIL, so reading and gathering
+    overlap on two cores. `first_batch(window)` skips that many batches of a window (resuming mid-window).
     """
     if not windows:
         return
@@ -114,15 +206,19 @@ def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_siz
 
     thread = threading.Thread(target=read_ahead, name="shard-read-ahead", daemon=True)
     thread.start()
+    x_batches = BatchBuffers(3, lambda: reader.buffers(batch_size)[0])
     try:
         for _ in windows:
             window, buffers = ready.get()
             if window is None:
                 raise buffers
             x, y = buffers
+            labels = y[window.order].astype(np.int64)  # the whole window's labels in one gather
             for i in range(first_batch(window), window.num_samples // batch_size):
                 idx = window.order[i * batch_size:(i + 1) * batch_size]
-                yield np.take(x, idx, axis=0), y[idx].astype(np.int64)
+                # mode="clip": with mode="raise" NumPy gathers into a temporary first, then copies to out
+                yield (np.take(x, idx, axis=0, out=x_batches.take(), mode="clip"),
+                       labels[i * batch_size:(i + 1) * batch_size])
             free.put(buffers)
     finally:
         stop.set()
