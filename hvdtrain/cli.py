@@ -10,14 +10,14 @@ from hvdtrain.errors import UserError
 
 
 def _rank_prefix() -> str:
-    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return f"rank {os.environ[var]}: "
-    return ""
+    from hvdtrain.faults import launcher_rank
+
+    rank = launcher_rank()
+    return "" if rank is None else f"rank {rank}: "
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hvdtrain import config, data
+    from hvdtrain import config, data, faults
 
     cfg = config.load(args.config, args.overrides)
     dataset = data.Dataset(cfg.data, cfg.seed)
@@ -29,7 +29,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         from hvdtrain.torch.trainer import train
 
-    summary = train(cfg, dataset, Path(args.run_dir), args.resume)
+    with faults.FailureRelay(Path(args.run_dir), faults.launcher_rank() or 0, faults.launcher_size()):
+        summary = train(cfg, dataset, Path(args.run_dir), args.resume)
     if _rank_prefix() in ("", "rank 0: "):
         final = summary["final"]
         print(f"run directory: {Path(args.run_dir).resolve()}  "

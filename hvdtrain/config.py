@@ -78,6 +78,16 @@ class HorovodConfig(_Section):
     fusion_threshold_mb: float = Field(64.0, ge=0)
     # auto: flat on CPU nodes (one allreduce per step, measured fastest on 2 cores), overlap on GPUs
     gradient_exchange: Literal["auto", "flat", "overlap"] = "auto"
+    # Horovod's stall inspector: rank 0 names the ranks missing from a collective after
+    # stall_warning_seconds, and shuts the job down after stall_shutdown_seconds (0: never).
+    stall_warning_seconds: int = Field(60, gt=0)
+    stall_shutdown_seconds: int = Field(600, ge=0)
+
+    @model_validator(mode="after")
+    def _shutdown_after_warning(self) -> "HorovodConfig":
+        if 0 < self.stall_shutdown_seconds < self.stall_warning_seconds:
+            raise ValueError("stall_shutdown_seconds: must be 0 (never) or at least stall_warning_seconds")
+        return self
 
 
 class CompressionConfig(_Section):

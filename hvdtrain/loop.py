@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional, Protocol
 from tqdm import tqdm
 
 from hvdtrain import checkpoints
+from hvdtrain.faults import FaultInjector
 from hvdtrain.config import Config, to_yaml
 from hvdtrain.errors import ConfigError, UserError
 from hvdtrain.io import JsonlLog, write_json, write_text
@@ -115,6 +116,7 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
     rank, size = adapter.rank, adapter.size
     is_root = rank == 0
     stop = StopRequest()
+    fault = FaultInjector(rank)
     rank_data = dataset.for_rank(cfg.train.batch_size, rank, size)
     steps_per_epoch = rank_data.steps_per_epoch
     global_batch = cfg.train.batch_size * size
@@ -161,6 +163,7 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
     started = time.perf_counter()
     done, stopped_by = start_step, None
     for step, batch in zip(range(start_step, last_step), adapter.batches(rank_data, start_step, last_step)):
+        fault.at_step(step)
         lr = learning_rate(cfg.train, step, size, total_steps)
         running_loss += adapter.train_step(batch, lr)
         running_count += 1

@@ -7,7 +7,9 @@ from hvdtrain.config import Config, HorovodConfig
 def horovod_env(cfg: HorovodConfig) -> dict[str, str]:
     """hvdtrain's tuned Horovod settings as environment variables."""
     return {"HOROVOD_CYCLE_TIME": f"{cfg.cycle_time_ms:g}",
-            "HOROVOD_FUSION_THRESHOLD": str(int(cfg.fusion_threshold_mb * 1024 * 1024))}
+            "HOROVOD_FUSION_THRESHOLD": str(int(cfg.fusion_threshold_mb * 1024 * 1024)),
+            "HOROVOD_STALL_CHECK_TIME_SECONDS": str(cfg.stall_warning_seconds),
+            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(cfg.stall_shutdown_seconds)}
 
 
 def configure_horovod_env(cfg: HorovodConfig) -> None:

@@ -31,6 +31,11 @@ FIXES = [
      'list(APPEND TF_SOURCES "${PROJECT_SOURCE_DIR}/horovod/tensorflow/xla_mpi_ops.cc")\n',
      "",
      "optional XLA ops do not compile against TensorFlow 2.21 (highwayhash headers missing)"),
+    ("horovod/common/gloo/gloo_controller.cc",
+     "  global_ranks_.reserve(size_);\n",
+     "  global_ranks_.resize(size_);\n",
+     "the gloo controller left its rank list empty (reserve, not resize), so the stall inspector never "
+     "named a missing rank nor shut a stalled job down"),
 ]
 
 

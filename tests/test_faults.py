@@ -1,7 +1,10 @@
-"""Injected faults: a killed rank, a damaged or half-written checkpoint."""
+"""Injected faults: a killed rank, a rank that raises or stalls, a damaged or half-written checkpoint."""
 import json
+import os
 import random
+import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -28,11 +31,31 @@ def no_job_outlives_its_test(tmp_path):
 LAUNCHED = []
 
 
-def launch(run_dir, *extra):
-    proc = start([str(BIN / "horovodrun"), "-np", "2", "--gloo", str(BIN / "hvdtrain"), "train", "--config", CONFIG,
-                  "--run-dir", str(run_dir), *LONG, *extra])
+def launch(run_dir, *extra, controller="gloo", fault=None):
+    command = [str(BIN / "horovodrun"), "-np", "2", f"--{controller}", str(BIN / "hvdtrain"), "train",
+               "--config", CONFIG, "--run-dir", str(run_dir), *LONG, *extra]
+    if fault:
+        os.environ["HVDTRAIN_FAULT"] = fault  # start() passes the test's environment on
+        try:
+            proc = start(command)
+        finally:
+            del os.environ["HVDTRAIN_FAULT"]
+    else:
+        proc = start(command)
     LAUNCHED.append(proc)
     return proc
+
+
+def finish(proc, run_dir, within=60):
+    """Wait for the job; returns (output, seconds). Fails if it outlives `within` or leaves a rank."""
+    started = time.time()
+    try:
+        output, _ = proc.communicate(timeout=within + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the job was still running {within + 60} s later: a hang")
+    assert not rank_processes(str(run_dir)), "a rank was left behind"
+    return output, time.time() - started
 
 
 def wait_for_ranks(marker, proc, timeout=180):
@@ -67,6 +90,36 @@ def test_killed_rank_ends_the_job_fast_with_nothing_left(tmp_path):
         assert f"Process name: {victim_rank}\nExit code: 137" in output, output[-2000:]  # the dead rank, by name
         assert not rank_processes(str(run_dir)), "a rank was left behind"
     print(f"worst detection time {worst:.1f} s")
+
+
+def test_rank_raising_is_named_by_rank_0_and_the_job_ends(tmp_path):
+    rng = random.Random(11)
+    worst = 0.0
+    for trial in range(3):
+        run_dir, step = tmp_path / f"trial{trial}", rng.randrange(5, 60)
+        proc = launch(run_dir, fault=f"raise@1:{step}")
+        output, seconds = finish(proc, run_dir)
+        worst = max(worst, seconds)
+        assert proc.returncode != 0
+        relayed = f"hvdtrain: rank 0: rank 1 failed: InjectedFault: injected fault at step {step} (HVDTRAIN_FAULT)"
+        # rank 0's line (its progress bar may precede it on the same line)
+        assert re.search(r"\[0\]<stderr>:[^\n]*" + re.escape(relayed), output), output[-3000:]
+    print(f"worst time from launch to the end of the job: {worst:.1f} s")
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_stalled_rank_is_named_and_the_job_ends(tmp_path, controller):
+    """Horovod's stall inspector on rank 0 names the missing rank and tensor, then shuts the job down."""
+    proc = launch(tmp_path, "horovod.stall_warning_seconds=2", "horovod.stall_shutdown_seconds=6",
+                  controller=controller, fault="stall@1:15")
+    output, seconds = finish(proc, tmp_path)
+    assert proc.returncode != 0
+    assert "stalling at step 15" in output
+    # rank 0's report: "Missing ranks:\n1: [gradients.dense...]"
+    assert re.search(r"Missing ranks:\s*\n(\S*\s*)?1!?: \[gradients", output), output[-3000:]
+    assert "Will shutdown" in output, output[-3000:]
+    assert "the job stopped because a collective could not complete" in output, output[-3000:]
+    print(f"{controller}: job ended {seconds:.1f} s after launch (stall shutdown after 6 s)")
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):

@@ -290,3 +290,13 @@ def test_two_ranks_see_every_sample_once(id_shards, tmp_path, workers):
         with h5py.File(train.shard_path(i)) as handle:
             stored += handle["x"][:, 0, 0, 0].astype(int).tolist()
     assert sorted(per_rank[0] + per_rank[1]) == sorted(stored)  # every sample once, none twice
+
+
+def test_index_cannot_point_outside_its_set(id_shards, capsys):
+    index = id_shards / "train/index.json"
+    raw = json.loads(index.read_text())
+    for bad in ("../../outside.h5", "/etc/passwd"):
+        raw["shards"][0]["path"] = bad
+        index.write_text(json.dumps(raw))
+        expect_exit_2(["data", "verify", str(id_shards / "train")], capsys,
+                      f"shard path {bad!r} leaves the shard set's directory")

@@ -74,12 +74,22 @@ class ShardSet:
                 "shards": [asdict(s) for s in self.shards], **self.extra}
 
 
+def _confined(index: Path, shard_path: str) -> str:
+    """An index names its shards relative to its own directory; it may not point anywhere else."""
+    root = index.parent.resolve()
+    if Path(shard_path).is_absolute() or not (root / shard_path).resolve().is_relative_to(root):
+        raise ConfigError(f"{index}: shard path {shard_path!r} leaves the shard set's directory")
+    return shard_path
+
+
 def _read_index(directory: Path) -> ShardSet:
     path = directory / INDEX_NAME
     try:
         raw = json.loads(path.read_text())
         if raw.get("format") != FORMAT:
             raise ConfigError(f"{path}: not an hvdtrain shard index (format {raw.get('format')!r})")
+        for shard in raw["shards"]:
+            shard["path"] = _confined(path, shard["path"])
         return ShardSet(root=directory, shards=[Shard(**s) for s in raw["shards"]],
                         sample_shape=tuple(raw["sample_shape"]), x_dtype=raw["x_dtype"],
                         y_dtype=raw["y_dtype"], num_classes=int(raw["num_classes"]), split=raw["split"],

@@ -1,0 +1,140 @@
+"""When a rank fails, rank 0 says which one and why, and no rank waits forever.
+
+A failed rank cannot tell rank 0 through a collective: rank 0 is blocked in one the failed rank never
+joins, and the launcher kills the survivors seconds later. So a rank that fails writes its one-line
+error to RUN_DIR/failures/rank-N.txt (atomically) and waits a moment before exiting, while rank 0
+watches that folder from a thread and prints the line as soon as it appears. On clusters the run
+directory is on the shared file system; where it is not, each rank's own line is still in the job log.
+
+`HVDTRAIN_FAULT=KIND@RANK:STEP` injects a fault at the start of a step, to rehearse on a cluster what
+a failure looks like: `raise` (an exception on that rank) or `stall` (that rank stops calling
+collectives, as a hung file system would make it).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from hvdtrain.errors import ConfigError, UserError
+from hvdtrain.io import write_text
+
+RELAY_GRACE_S = 2.0   # a failing rank waits this long for rank 0's watcher to print its line
+POLL_S = 0.2
+RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
+
+
+def _launcher_int(names: tuple[str, ...]) -> Optional[int]:
+    for name in names:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return None
+
+
+def launcher_rank() -> Optional[int]:
+    """This process's rank as the launcher set it (before Horovod starts), or None outside a launcher."""
+    return _launcher_int(RANK_VARS)
+
+
+def launcher_size() -> int:
+    return _launcher_int(SIZE_VARS) or 1
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, UserError):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Horovod's error for a collective that cannot complete (a peer died, or Horovod shut down)."""
+    from horovod.common.exceptions import HorovodInternalError
+
+    return isinstance(exc, HorovodInternalError) or "Horovod has been shut down" in str(exc)
+
+
+class FailureRelay:
+    """Context for one rank's training run: rank 0 relays other ranks' failures; others report theirs."""
+
+    def __init__(self, run_dir: Path, rank: int, size: int):
+        self.folder, self.rank, self.size = Path(run_dir) / "failures", rank, size
+        self.relayed: list[str] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "FailureRelay":
+        if self.rank == 0 and self.size > 1:
+            for stale in self.folder.glob("rank-*.txt"):  # from an earlier launch of this run
+                stale.unlink(missing_ok=True)
+            self._thread = threading.Thread(target=self._watch, name="failure-relay", daemon=True)
+            self._thread.start()
+        return self
+
+    def _scan(self) -> None:
+        for path in sorted(self.folder.glob("rank-*.txt")):
+            message = path.read_text().strip()
+            if message not in self.relayed:
+                self.relayed.append(message)
+                tqdm.write(f"hvdtrain: rank 0: {message}", file=sys.stderr)  # clears rank 0's progress bar
+
+    def _watch(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self._scan()
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self._stop.set()
+        if exc is None or self.size == 1:
+            return False
+        if not is_collective_failure(exc):
+            if self.rank != 0:
+                write_text(self.folder / f"rank-{self.rank}.txt", f"rank {self.rank} failed: {one_line(exc)}\n")
+                time.sleep(RELAY_GRACE_S)
+            return False
+        if self._thread is not None:
+            self._thread.join()
+            self._scan()
+        cause = ("; ".join(self.relayed) if self.relayed else
+                 "another rank died, or stalled past horovod.stall_shutdown_seconds (see Horovod's report above)")
+        raise UserError(f"the job stopped because a collective could not complete: {cause}",
+                        quiet=self.rank != 0) from None
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _parse(spec: str) -> tuple[str, int, int]:
+    match = re.fullmatch(r"(raise|stall)@(\d+):(\d+)", spec.strip())
+    if not match:
+        raise ConfigError(f"HVDTRAIN_FAULT: {spec!r} is not KIND@RANK:STEP with KIND raise or stall "
+                          "(e.g. raise@1:20)")
+    return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+class FaultInjector:
+    """Triggers HVDTRAIN_FAULT on its rank at its step; does nothing when the variable is unset."""
+
+    def __init__(self, rank: int):
+        spec = os.environ.get("HVDTRAIN_FAULT")
+        self.fault = _parse(spec) if spec else None
+        self.rank = rank
+
+    def at_step(self, step: int) -> None:
+        if self.fault is None:
+            return
+        kind, rank, at = self.fault
+        if rank != self.rank or step != at:
+            return
+        if kind == "raise":
+            raise InjectedFault(f"injected fault at step {step} (HVDTRAIN_FAULT)")
+        print(f"hvdtrain: rank {rank}: stalling at step {step} (HVDTRAIN_FAULT)", file=sys.stderr, flush=True)
+        while True:  # a rank that stops calling collectives; only a signal ends it
+            time.sleep(3600)
