@@ -42,6 +42,8 @@ class DataConfig(_Section):
     workers: int = Field(0, ge=0, description="DataLoader worker processes reading shards (0: in-process)")
     prefetch: int = Field(2, ge=1, description="windows each worker reads ahead")
     verify: bool = Field(False, description="check shard checksums before training")
+    audit: bool = Field(False, description="elastic training: log the sample ids each rank trained on to "
+                                           "RUN_DIR/sample-audit/ (coverage across resizes)")
 
     @model_validator(mode="after")
     def _known_source(self) -> "DataConfig":

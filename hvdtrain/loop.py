@@ -74,7 +74,7 @@ def _trim_metrics(log: JsonlLog, last_step: int) -> None:
     write_text(log.path, "".join(line + "\n" for line in kept))
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter,
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter,
                      metrics: JsonlLog) -> tuple[int, Optional[str]]:
     """Rank 0: load the checkpoint to resume from (if any) and reset the metrics log to match it."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
     start_step, resumed_from, failure = 0, None, None
     if is_root:
         try:
-            start_step, resumed_from = _prepare_run_dir(cfg, run_dir, resume, adapter, metrics)
+            start_step, resumed_from = prepare_run_dir(cfg, run_dir, resume, adapter, metrics)
         except UserError as exc:
             failure = exc
     # Rank 0 alone reads the run directory; the others learn its outcome here instead of hanging.

@@ -300,3 +300,26 @@ def test_index_cannot_point_outside_its_set(id_shards, capsys):
         index.write_text(json.dumps(raw))
         expect_exit_2(["data", "verify", str(id_shards / "train")], capsys,
                       f"shard path {bad!r} leaves the shard set's directory")
+
+
+@settings(max_examples=150, deadline=None)
+@given(counts=st.lists(st.integers(1, 60), min_size=1, max_size=5), block=st.integers(1, 9),
+       batch=st.integers(1, 6), window_batches=st.integers(1, 4), epoch=st.integers(0, 3),
+       sizes=st.lists(st.integers(1, 4), min_size=1, max_size=12))
+def test_elastic_rounds_never_repeat_or_skip_across_resizes(counts, block, batch, window_batches, epoch, sizes):
+    """Any sequence of world sizes, one per round (a resize at every commit): each sample of the epoch
+    is trained at most once, and only a tail smaller than the last global batch is left out."""
+    if sum(counts) < batch:
+        return  # the plan itself refuses a batch larger than the data
+    base = ShardPlan(tuple(counts), (block,) * len(counts), batch, 0, 1, seed=9, window_batches=window_batches)
+    position, seen = 0, []
+    for round_number in range(10_000):
+        size = sizes[round_number % len(sizes)]
+        windows = [base.elastic_round(epoch, position, r, size) for r in range(size)]
+        if windows[0][0] is None:
+            break
+        assert len({w.num_samples for w, _ in windows}) == 1  # balanced: the same steps on every rank
+        seen += [i for w, _ in windows for i in base.sample_ids(w)]
+        position += windows[0][1]
+    assert len(seen) == len(set(seen))
+    assert sum(counts) - len(seen) < size * batch  # the epoch ended: what is left cannot fill one global batch

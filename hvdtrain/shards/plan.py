@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 
@@ -139,6 +139,26 @@ class ShardPlan:
                      if self.shuffle else np.arange(n))
             result.append(Window(epoch, index, first_batch, tuple(segments), order))
         return result
+
+    def elastic_round(self, epoch: int, position: int, rank: int, size: int) -> tuple[Optional[Window], int]:
+        """Elastic training: the round of the epoch's stream that starts at `position`, on `size` ranks.
+
+        A round gives each rank `window_batches` batches (fewer at the end of the epoch) as one
+        contiguous, window-shuffled slice of the stream: rank r reads
+        [position + r x n, position + (r + 1) x n). Training state commits at round boundaries, so
+        a resize (or a rank lost mid-round, which rolls back to the commit) continues at `position`
+        with the new size: no sample of the epoch is repeated or skipped, whatever the sizes were;
+        only the last (< size x batch) samples are left out, as with `tail=drop`. Returns this
+        rank's window and the stream samples the round consumes, or (None, 0) when the epoch is done.
+        """
+        per_rank = min(self.window_batches, (self.total - position) // (size * self.batch_size)) * self.batch_size
+        if per_rank <= 0:
+            return None, 0
+        first = position + rank * per_rank
+        segments = self._segments(self._stream_blocks(epoch), first, first + per_rank)
+        order = (np.random.default_rng([self.seed, epoch, position, rank]).permutation(per_rank)
+                 if self.shuffle else np.arange(per_rank))
+        return Window(epoch, position, 0, tuple(segments), order), size * per_rank
 
     def sample_ids(self, window: Window) -> np.ndarray:
         """Global ids of the window's samples in the order they are yielded (for tests and audits)."""

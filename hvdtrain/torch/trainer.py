@@ -122,6 +122,10 @@ class TorchAdapter:
 
 
 def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
+    from hvdtrain.torch import elastic
+
+    if elastic.elastic_launch():
+        return elastic.train(cfg, dataset, run_dir, resume)
     runtime.configure_horovod_env(cfg.horovod)
     hvd.init()
     threads = runtime.threads_per_rank(hvd.local_size())
