@@ -122,13 +122,19 @@ class FlatExchange:
     def _topk(self) -> int:
         self.residual_pending = True
         values, indices = self._local_topk()
-        all_values = hvd.allgather(values, name="topk.values")
-        all_indices = hvd.allgather(indices.to(torch.int32), name="topk.indices")
+        # Enqueued together, the three collectives are negotiated in one Horovod cycle instead of three.
+        dense = self.buffer[self.split:]
+        handles = [hvd.allgather_async(values, name="topk.values"),
+                   hvd.allgather_async(indices.to(torch.int32), name="topk.indices")]
+        if dense.numel():
+            handles.append(hvd.allreduce_async_(dense, op=hvd.Average, name=f"gradients.dense.{dense.numel()}"))
+        all_values, all_indices = hvd.synchronize(handles[0]), hvd.synchronize(handles[1])
+        if dense.numel():
+            hvd.synchronize(handles[2])
         region = self.buffer[:self.split]
         region.zero_()
         region.index_add_(0, all_indices.long(), all_values).div_(hvd.size())
-        sent = values.numel() * 4 + indices.numel() * 4
-        return sent + self._dense(self.buffer[self.split:])
+        return values.numel() * 4 + indices.numel() * 4 + dense.numel() * dense.element_size()
 
     def _shared_topk(self) -> int:
         self.residual.add_(self.buffer[:self.split])
