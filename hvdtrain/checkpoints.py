@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from hvdtrain.errors import ConfigError
 from hvdtrain.io import file_sha256, write_text
@@ -22,6 +22,17 @@ def directory(run_dir: Path) -> Path:
 
 def path_for(run_dir: Path, step: int, suffix: str = "pt") -> Path:
     return directory(run_dir) / f"ckpt-{step:08d}.{suffix}"
+
+
+def write(run_dir: Path, step: int, suffix: str, save: Callable[[Path, dict], None], meta: dict,
+          keep: int) -> Path:
+    """Rank 0's checkpoint at `step`: written (atomically) by `save`, sealed with its digest, the
+    oldest beyond `keep` removed."""
+    path = path_for(run_dir, step, suffix)
+    save(path, {"step": step, **meta})
+    seal(path)
+    prune(run_dir, keep)
+    return path
 
 
 def _digest_file(path: Path) -> Path:

@@ -67,6 +67,7 @@ class FailureRelay:
     def __init__(self, run_dir: Path, rank: int, size: int):
         self.folder, self.rank, self.size = Path(run_dir) / "failures", rank, size
         self.relayed: list[str] = []
+        self._seen: set[str] = set()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -80,10 +81,10 @@ class FailureRelay:
 
     def _scan(self) -> None:
         for path in sorted(self.folder.glob("rank-*.txt")):
-            message = path.read_text().strip()
-            if message not in self.relayed:
-                self.relayed.append(message)
-                tqdm.write(f"hvdtrain: rank 0: {message}", file=sys.stderr)  # clears rank 0's progress bar
+            if path.name not in self._seen:
+                self._seen.add(path.name)
+                self.relayed.append(path.read_text().strip())
+                tqdm.write(f"hvdtrain: rank 0: {self.relayed[-1]}", file=sys.stderr)  # clears the progress bar
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):

@@ -20,9 +20,9 @@ from typing import Any, Iterator, Optional, Protocol
 from tqdm import tqdm
 
 from hvdtrain import checkpoints
-from hvdtrain.faults import FaultInjector
 from hvdtrain.config import Config, to_yaml
 from hvdtrain.errors import ConfigError, UserError
+from hvdtrain.faults import FaultInjector
 from hvdtrain.io import JsonlLog, write_json, write_text
 from hvdtrain.schedule import learning_rate
 
@@ -75,10 +75,11 @@ def _trim_metrics(log: JsonlLog, last_step: int) -> None:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter,
-                     metrics: JsonlLog) -> tuple[int, Optional[str]]:
-    """Rank 0: load the checkpoint to resume from (if any) and reset the metrics log to match it."""
+                    metrics: JsonlLog) -> tuple[int, int, Optional[str]]:
+    """Rank 0: load the checkpoint to resume from (if any) and reset the metrics log to match it.
+    Returns the checkpoint's step and epoch (0, 0 when starting fresh) and its path."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    start_step, resumed_from = 0, None
+    start_step, start_epoch, resumed_from = 0, 0, None
     tried = checkpoints.candidates(run_dir, resume)
     for source in tried:
         problem = checkpoints.damage(source)
@@ -96,7 +97,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter,
             print(f"warning: skipping checkpoint {source.name}: {problem}; falling back to an older one",
                   flush=True)
             continue
-        start_step, resumed_from = int(meta["step"]), str(source)
+        start_step, start_epoch, resumed_from = int(meta["step"]), int(meta["epoch"]), str(source)
         if meta["world_size"] != adapter.size:
             print(f"note: resuming a {meta['world_size']}-rank checkpoint on {adapter.size} ranks: "
                   "the global batch and data order change", flush=True)
@@ -109,7 +110,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter,
                           "continue it with --resume auto or choose a new run directory")
     _trim_metrics(metrics, start_step)
     write_text(run_dir / "config.yaml", to_yaml(cfg))
-    return start_step, resumed_from
+    return start_step, start_epoch, resumed_from
 
 
 def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, threads: int) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
     start_step, resumed_from, failure = 0, None, None
     if is_root:
         try:
-            start_step, resumed_from = prepare_run_dir(cfg, run_dir, resume, adapter, metrics)
+            start_step, _, resumed_from = prepare_run_dir(cfg, run_dir, resume, adapter, metrics)
         except UserError as exc:
             failure = exc
     # Rank 0 alone reads the run directory; the others learn its outcome here instead of hanging.
@@ -146,13 +147,11 @@ def run(cfg: Config, dataset, run_dir: Path, resume: str, adapter: Adapter, thre
               f"steps {start_step}..{last_step} of {total_steps}", flush=True)
 
     def checkpoint(step: int) -> Path:
-        path = checkpoints.path_for(run_dir, step, adapter.checkpoint_suffix)
-        if is_root:
-            adapter.save(path, {"step": step, "epoch": step // steps_per_epoch, "seed": cfg.seed,
-                                "world_size": size})
-            checkpoints.seal(path)
-            checkpoints.prune(run_dir, cfg.checkpoint.keep)
-        return path
+        if not is_root:
+            return checkpoints.path_for(run_dir, step, adapter.checkpoint_suffix)
+        return checkpoints.write(run_dir, step, adapter.checkpoint_suffix, adapter.save,
+                                 {"epoch": step // steps_per_epoch, "seed": cfg.seed, "world_size": size},
+                                 cfg.checkpoint.keep)
 
     # In a batch job's log file, a bar redrawn every second is noise: redraw every 30 s there.
     progress = tqdm(total=last_step, initial=start_step, disable=not is_root, unit="step",

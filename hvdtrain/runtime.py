@@ -8,14 +8,19 @@ def horovod_env(cfg: HorovodConfig, elastic: bool = False) -> dict[str, str]:
     """hvdtrain's tuned Horovod settings as environment variables.
 
     Elastic jobs keep Horovod's own cycle time and fusion threshold: with both of hvdtrain's values set,
-    Horovod 0.28.1 crashed (SIGSEGV in hvd.init) re-initialising after a worker was removed, in 3 of 3
-    tries; with either one alone, or neither, it did not."""
+    Horovod 0.28.1 crashed (SIGSEGV in hvd.init) re-initialising after a worker was removed, in 5 of 5
+    tries; with either one alone, or neither, it did not (1 try each)."""
     stall = {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(cfg.stall_warning_seconds),
              "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(cfg.stall_shutdown_seconds)}
     if elastic:
         return stall
     return {"HOROVOD_CYCLE_TIME": f"{cfg.cycle_time_ms:g}",
             "HOROVOD_FUSION_THRESHOLD": str(int(cfg.fusion_threshold_mb * 1024 * 1024)), **stall}
+
+
+def elastic_launch() -> bool:
+    """horovodrun's elastic mode (--min-np/--max-np with a host discovery script) launched this rank."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
 def configure_horovod_env(cfg: HorovodConfig, elastic: bool = False) -> None:

@@ -181,8 +181,8 @@ def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_siz
 
     Two window buffers are reused (no fresh pages per window); each batch is gathered from the read
     buffer through the window's permutation into a recycled batch array (see BatchBuffers), so callers
-    may keep batches. h5py reads and NumPy gathers both release the GIL, so reading and gathering
-    overlap on two cores. `first_batch(window)` skips that many batches of a window (resuming mid-window).
+    may keep batches. Raw reads (preadv) and NumPy gathers both release the GIL, so reading and
+    gathering overlap on two cores. `first_batch(window)` skips that many batches of a window (resuming mid-window).
     """
     if not windows:
         return

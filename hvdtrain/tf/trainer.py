@@ -7,7 +7,6 @@ PyTorch adapter (flat: one allreduce of all gradients; overlap: hvd.DistributedG
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -148,7 +147,7 @@ def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str
     if cfg.compression.method not in ("none", "fp16", "bf16"):
         raise ConfigError(f"compression.method: {cfg.compression.method} is available for framework torch; "
                           "TensorFlow runs support none, fp16 and bf16")
-    if os.environ.get("HOROVOD_ELASTIC") == "1":
+    if runtime.elastic_launch():
         raise ConfigError("framework: elastic training (horovodrun --min-np/--max-np) is available for "
                           "framework torch; launch TensorFlow runs with a fixed -np")
     runtime.configure_horovod_env(cfg.horovod)

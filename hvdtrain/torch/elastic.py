@@ -28,10 +28,6 @@ from hvdtrain.loop import StopRequest, prepare_run_dir
 from hvdtrain.schedule import learning_rate
 
 
-def elastic_launch() -> bool:
-    return os.environ.get("HOROVOD_ELASTIC") == "1"
-
-
 class SampleAudit:
     """data.audit: the sample ids each process trained on, one JSON line per committed round."""
 
@@ -81,9 +77,7 @@ def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str
 
     start_step, start_epoch, resumed_from = 0, 0, None
     if hvd.rank() == 0:
-        start_step, resumed_from = prepare_run_dir(cfg, run_dir, resume, adapter, metrics)
-        if resumed_from:
-            start_epoch = int(torch.load(resumed_from, weights_only=True)["epoch"])
+        start_step, start_epoch, resumed_from = prepare_run_dir(cfg, run_dir, resume, adapter, metrics)
     _create_optimizer_state(adapter.optimizer)
     state = hvd.elastic.TorchState(model=adapter.model, optimizer=adapter.optimizer, epoch=start_epoch,
                                    position=0, step=start_step)
@@ -102,10 +96,14 @@ def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str
 
     state.register_reset_callbacks([on_reset])
 
+    eval_shares: dict[tuple[int, int], Any] = {}  # (rank, size) -> that rank's test share, files kept open
+
     def end_of_epoch(loss: float) -> None:
         nonlocal record
-        loss_total, correct, count = adapter.sum(list(adapter.eval_sums(dataset.for_rank(batch, hvd.rank(), hvd.size()))),
-                                                 "eval")
+        world = (hvd.rank(), hvd.size())
+        if world not in eval_shares:
+            eval_shares[world] = dataset.for_rank(batch, *world)
+        loss_total, correct, count = adapter.sum(list(adapter.eval_sums(eval_shares[world])), "eval")
         record = {"step": state.step, "epoch": state.epoch + 1, "train_loss": loss, "test_loss": loss_total / count,
                   "test_accuracy": correct / count, "world_size": hvd.size()}
         if hvd.rank() == 0:
@@ -114,11 +112,8 @@ def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str
             save_checkpoint(epoch=state.epoch + 1)
 
     def save_checkpoint(epoch: int) -> Path:
-        path = checkpoints.path_for(run_dir, state.step, adapter.checkpoint_suffix)
-        adapter.save(path, {"step": state.step, "epoch": epoch, "seed": cfg.seed, "world_size": hvd.size()})
-        checkpoints.seal(path)
-        checkpoints.prune(run_dir, cfg.checkpoint.keep)
-        return path
+        return checkpoints.write(run_dir, state.step, adapter.checkpoint_suffix, adapter.save,
+                                 {"epoch": epoch, "seed": cfg.seed, "world_size": hvd.size()}, cfg.checkpoint.keep)
 
     @hvd.elastic.run
     def rounds(state) -> None:

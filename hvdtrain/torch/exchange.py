@@ -84,10 +84,17 @@ class FlatExchange:
             p.grad = view
 
     # exchanges ---------------------------------------------------------------------------------
+    def _dense_async(self, region: torch.Tensor) -> tuple[list, int]:
+        """Start averaging `region` in place; returns the handles to wait on and the bytes sent."""
+        handles = [hvd.allreduce_async_(region, op=hvd.Average, name=f"gradients.dense.{region.numel()}")
+                   ] if region.numel() else []
+        return handles, region.numel() * region.element_size()
+
     def _dense(self, region: torch.Tensor) -> int:
-        if region.numel():
-            hvd.allreduce_(region, op=hvd.Average, name=f"gradients.dense.{region.numel()}")
-        return region.numel() * region.element_size()
+        handles, sent = self._dense_async(region)
+        for handle in handles:
+            hvd.synchronize(handle)
+        return sent
 
     def _half(self, compressor) -> int:
         packed, ctx = compressor.compress(self.buffer)
@@ -123,18 +130,16 @@ class FlatExchange:
         self.residual_pending = True
         values, indices = self._local_topk()
         # Enqueued together, the three collectives are negotiated in one Horovod cycle instead of three.
-        dense = self.buffer[self.split:]
-        handles = [hvd.allgather_async(values, name="topk.values"),
+        gathers = [hvd.allgather_async(values, name="topk.values"),
                    hvd.allgather_async(indices.to(torch.int32), name="topk.indices")]
-        if dense.numel():
-            handles.append(hvd.allreduce_async_(dense, op=hvd.Average, name=f"gradients.dense.{dense.numel()}"))
-        all_values, all_indices = hvd.synchronize(handles[0]), hvd.synchronize(handles[1])
-        if dense.numel():
-            hvd.synchronize(handles[2])
+        dense_handles, dense_sent = self._dense_async(self.buffer[self.split:])
+        all_values, all_indices = (hvd.synchronize(handle) for handle in gathers)
+        for handle in dense_handles:
+            hvd.synchronize(handle)
         region = self.buffer[:self.split]
         region.zero_()
         region.index_add_(0, all_indices.long(), all_values).div_(hvd.size())
-        return values.numel() * 4 + indices.numel() * 4 + dense.numel() * dense.element_size()
+        return values.numel() * 4 + indices.numel() * 4 + dense_sent
 
     def _shared_topk(self) -> int:
         self.residual.add_(self.buffer[:self.split])

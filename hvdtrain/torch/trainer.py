@@ -124,7 +124,7 @@ class TorchAdapter:
 def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
     from hvdtrain.torch import elastic
 
-    if elastic.elastic_launch():
+    if runtime.elastic_launch():
         return elastic.train(cfg, dataset, run_dir, resume)
     runtime.configure_horovod_env(cfg.horovod)
     hvd.init()
