@@ -139,7 +139,7 @@ def _bench_quantize(args: argparse.Namespace) -> int:
 def _bench_compression(args: argparse.Namespace) -> int:
     from hvdtrain.bench import compression
 
-    compression.run(args.links, Path(args.out) if args.out else None)
+    compression.run(args.links, Path(args.out) if args.out else None, tuple(args.methods or compression.METHODS))
     return 0
 
 
@@ -164,6 +164,16 @@ def _modes(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown mode(s) {sorted(unknown)}: use {', '.join(MODES)}")
     return modes
+
+
+def _methods(text: str) -> list[str]:
+    from hvdtrain.bench.compression import METHODS
+
+    methods = text.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {sorted(unknown)}: use {', '.join(METHODS)}")
+    return methods
 
 
 def parser() -> argparse.ArgumentParser:
@@ -266,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
                                                         "(network namespaces with tc-capped links; needs root)")
     compress.add_argument("--links", type=lambda t: t.split(","), default=["loopback", "10gbit", "1gbit"],
                           help="loopback and/or tc rates such as 1gbit, 10gbit")
+    compress.add_argument("--methods", type=_methods, default=None,
+                          help="comma-separated compression modes to time (none is always timed: the baseline)")
     compress.add_argument("--out", help="write the figures as JSON here")
     compress.set_defaults(handler=_bench_compression)
 

@@ -71,13 +71,17 @@ def _train(command_prefix: list[str], method: str, scratch: Path) -> dict:
 
 
 def _mpirun_in_namespaces() -> list[str]:
-    return ["mpirun", "--allow-run-as-root", "-np", str(RANKS), "-H", "h1,h2", "--mca", "plm_rsh_agent",
+    # Open MPI would bind each host's rank to "its" core 0, i.e. both ranks to one core: `pin` puts rank r
+    # on core r instead. rtc ^hwloc: with binding off it is unused, and its topology sharing segfaulted the
+    # daemon in 1 of 5 starts here.
+    return ["mpirun", "--allow-run-as-root", "-np", str(RANKS), "-H", "h1,h2", "--bind-to", "none",
+            "--mca", "rtc", "^hwloc", "--mca", "plm_rsh_agent",
             f"{HOSTS} agent", "--mca", "routed", "direct", "--mca", "btl", "tcp,self",
             "--mca", "btl_tcp_if_include", "10.78.0.0/24", "--mca", "oob_tcp_if_include", "10.78.0.0/24",
-            "-x", "PATH", "-x", "HOROVOD_CYCLE_TIME", "-x", "TF_CPP_MIN_LOG_LEVEL"]
+            "-x", "PATH", "-x", "HOROVOD_CYCLE_TIME", "-x", "TF_CPP_MIN_LOG_LEVEL", "bash", str(HOSTS), "pin"]
 
 
-def run(links: list[str], out: Path | None) -> dict:
+def run(links: list[str], out: Path | None, methods: tuple[str, ...] = METHODS) -> dict:
     results: dict = {"selection": [selection_vs_memcpy(n) for n in (1_000_000, 6_400_000, 25_000_000)],
                      "links": {}}
     for row in results["selection"]:
@@ -92,7 +96,7 @@ def run(links: list[str], out: Path | None) -> dict:
                 prefix = _mpirun_in_namespaces()
             try:
                 rows = []
-                for method in METHODS:
+                for method in dict.fromkeys(("none", *methods)):  # none is every link's baseline
                     print(f"bench compression: {link} {method} ...", flush=True)
                     rows.append(_train(prefix, method, Path(scratch)))
             finally:

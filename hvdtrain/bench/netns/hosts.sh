@@ -1,10 +1,12 @@
 #!/bin/bash
 # Two "hosts" on this machine for communication benchmarks: network namespaces hvdb-h1 and hvdb-h2 on a
 # private bridge (10.78.0.0/24, the benchmark's own addresses), each link capped with tc when a rate is
-# given. Ranks are started in them by mpirun through the rsh agent below.
+# given. Ranks are started in them by mpirun through the rsh agent below; `pin` puts rank r on core r so
+# the two model two one-core hosts (Open MPI alone would bind each host's rank to core 0: the same core).
 #   hosts.sh up [RATE]    RATE like 1gbit or 10gbit; none: uncapped veth
 #   hosts.sh down
 #   hosts.sh agent HOST CMD...   (mpirun's plm_rsh_agent) run CMD inside HOST's namespace
+#   hosts.sh pin CMD...          (under mpirun --bind-to none) run CMD on core (rank mod cores)
 set -eu
 net=10.78.0
 bridge=hvdbbr0
@@ -55,8 +57,12 @@ case "${1:-}" in
         shift
         exec ip netns exec "hvdb-$host" sh -c "$*"
         ;;
+    pin)
+        shift
+        exec taskset -c $(( OMPI_COMM_WORLD_RANK % $(nproc) )) "$@"
+        ;;
     *)
-        echo "usage: $0 up [RATE] | down | agent HOST CMD..." >&2
+        echo "usage: $0 up [RATE] | down | agent HOST CMD... | pin CMD..." >&2
         exit 2
         ;;
 esac
