@@ -98,6 +98,9 @@ class CompressionConfig(_Section):
     method: Literal["none", "fp16", "bf16", "topk", "shared_topk", "auto"] = "none"
     ratio: float = Field(0.01, gt=0, le=1, description="top-k: share of each tensor's entries sent per step")
     min_size: int = Field(4096, ge=1, description="top-k: tensors smaller than this go through a dense allreduce")
+    warmup_steps: int = Field(0, ge=0, description="top-k: steps over which the share sent falls from "
+                              "warmup_ratio to ratio (DGC's sparsity warm-up); 0: ratio from the start")
+    warmup_ratio: float = Field(0.25, gt=0, le=1, description="top-k: share sent at the first step of the warm-up")
     auto_trial_steps: int = Field(10, ge=2, description="auto: steps timed per candidate")
     auto_recheck_every: int = Field(500, ge=10, description="auto: steps between re-measurements")
 

@@ -58,16 +58,16 @@ class TopK:
 
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
-        self.buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per tensor length
 
     def __call__(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(values, int64 indices) of about the k largest |x| (within 10% of k; fewer if x has fewer non-zeros)."""
         n = x.shape[0]
         k = max(1, min(k, n))
         capacity = 2 * k + 64
-        if k not in self.buffers:
-            self.buffers[k] = (np.empty(capacity, np.int64), np.empty(capacity, np.float32))
-        indices, values = self.buffers[k]
+        if n not in self.buffers or len(self.buffers[n][0]) < capacity:  # k changes under sparsity warm-up
+            self.buffers[n] = (np.empty(capacity, np.int64), np.empty(capacity, np.float32))
+        indices, values = self.buffers[n]
         sample_size = min(SAMPLE_MAX, max(SAMPLE_MIN, n // 250))
         sample = np.abs(x) if n <= 4 * sample_size else _sample_abs(x, sample_size, self.rng.integers(1, 2**63))
         threshold = _threshold(sample, k, n)

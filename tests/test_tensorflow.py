@@ -67,3 +67,28 @@ def test_missing_tf_keras_is_one_clear_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf_keras" else real(name, *a))
     assert main(["train", "--config", CONFIG, "--run-dir", str(tmp_path), "data.source=digits"]) == 2
     assert "framework: tensorflow needs tf-keras" in capsys.readouterr().err
+
+
+def test_topk_sending_everything_equals_the_dense_average(tmp_path):
+    """The TensorFlow path through hvdtrain.exchange: at ratio 1 top-k must reproduce 1 rank x 2b exactly."""
+    sparse = ["compression.method=topk", "compression.ratio=1", "compression.min_size=1000"]
+    hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path / "topk"), *EXACT, *sparse,
+             "train.batch_size=8", "train.max_steps=20", np=2, controller="gloo")
+    hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path / "np1"), *EXACT, "train.batch_size=16",
+             "train.max_steps=20")
+    summary, weights = final_weights(tmp_path / "topk")
+    assert summary["weights_identical"], summary["weights_digests"]
+    assert_same(weights, final_weights(tmp_path / "np1")[1], 1e-5)
+
+
+@pytest.mark.parametrize("method", ["topk", "shared_topk", "auto"])
+def test_sparse_exchanges_keep_ranks_identical_and_count_bytes(method, tmp_path):
+    hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path), *EXACT, f"compression.method={method}",
+             "compression.min_size=1000", "compression.auto_trial_steps=3", "compression.auto_recheck_every=10",
+             "train.max_steps=20", np=2, controller="gloo")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["weights_identical"], summary["weights_digests"]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    dense_bytes = 4 * (64 * 32 + 32 + 32 * 10 + 10)
+    assert 0 < record["bytes_per_step"] < dense_bytes / 2 or method == "auto", record
+    assert record["compression"].startswith(method)

@@ -2,7 +2,8 @@
 
 A custom step (rather than Keras' fit with Horovod's callbacks) lets the same loop drive both frameworks:
 the same schedule, metrics, checkpoints and stop handling, and the same gradient exchanges as the
-PyTorch adapter (flat: one allreduce of all gradients; overlap: hvd.DistributedGradientTape).
+PyTorch adapter (flat: one allreduce of all gradients; overlap: hvd.DistributedGradientTape; top-k,
+shared_topk and auto: the framework-free hvdtrain.exchange between two compiled halves of the step).
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import tensorflow as tf
 import horovod
 import horovod.tensorflow as hvd
 
-from hvdtrain import loop, runtime
+from hvdtrain import exchange, loop, runtime
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError
 from hvdtrain.io import atomic_open
 from hvdtrain.tf.data import train_dataset
+from hvdtrain.tf.exchange import HorovodCollectives
 from hvdtrain.tf.models import build
 
 keras = tf.keras
@@ -51,6 +53,14 @@ class TensorFlowAdapter:
         self.half = {"fp16": tf.float16, "bf16": tf.bfloat16}.get(cfg.compression.method)
         signature = [tf.TensorSpec((None, *self.sample_shape), tf.float32), tf.TensorSpec((None,), tf.int64)]
         self._step = tf.function(self._train_step, input_signature=signature)
+        self.sparse = None
+        if cfg.compression.method in exchange.SPARSE_METHODS:  # gradients leave the graph for NumPy
+            variables = self.model.trainable_variables
+            order, large = exchange.layout([int(np.prod(v.shape)) for v in variables], cfg.compression)
+            self.sparse_variables = [variables[i] for i in order]
+            self.sparse = exchange.Exchange(large, cfg.compression, HorovodCollectives())
+            self._flat_gradients = tf.function(self._gradients, input_signature=signature)
+            self._apply_flat = tf.function(self._apply, input_signature=[tf.TensorSpec((None,), tf.float32)])
 
     def _train_step(self, x, y):
         with tf.GradientTape() as tape:
@@ -69,11 +79,26 @@ class TensorFlowAdapter:
                 flat = tf.cast(summed, tf.float32) / self.size
             grads = [tf.reshape(part, v.shape) for part, v in
                      zip(tf.split(flat, [int(np.prod(v.shape)) for v in variables]), variables)]
+        self._update(grads, variables)
+        return loss
+
+    def _update(self, grads, variables) -> None:
         if self.cfg.train.weight_decay:  # L2 in the gradient, as torch.optim.SGD's weight_decay
             grads = [g + self.cfg.train.weight_decay * v for g, v in zip(grads, variables)]
         self.optimizer.learning_rate.assign(self.lr)
         self.optimizer.apply_gradients(zip(grads, variables))
-        return loss
+
+    def _gradients(self, x, y):
+        """Sparse exchanges: the loss and this rank's gradients, flat in the exchange's layout."""
+        with tf.GradientTape() as tape:
+            loss = self.loss(y, self.model(x, training=True))
+        grads = tape.gradient(loss, self.sparse_variables)
+        return loss, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+    def _apply(self, flat):
+        variables = self.sparse_variables
+        parts = tf.split(flat, [int(np.prod(v.shape)) for v in variables])
+        self._update([tf.reshape(part, v.shape) for part, v in zip(parts, variables)], variables)
 
     # collectives -------------------------------------------------------------------------------
     def sum(self, values: list[float], name: str) -> list[float]:
@@ -96,7 +121,13 @@ class TensorFlowAdapter:
 
     def train_step(self, batch, lr: float) -> float:
         self.lr.assign(lr)
-        return float(self._step(*batch))
+        if self.sparse is None:
+            return float(self._step(*batch))
+        loss, flat = self._flat_gradients(*batch)
+        buffer = np.array(flat)  # writable: the exchange averages it in place
+        self.sparse(buffer)
+        self._apply_flat(buffer)
+        return float(loss)
 
     def eval_sums(self, rank_data) -> tuple[float, float, float]:
         loss_sum, correct, count = 0.0, 0.0, 0.0
@@ -130,7 +161,11 @@ class TensorFlowAdapter:
         return digest.hexdigest()
 
     def stats(self) -> dict:
-        return {"compression": self.cfg.compression.method}
+        if self.sparse is not None:
+            return self.sparse.stats()
+        # dense exchanges send every gradient each step, in half precision for fp16/bf16
+        words = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
+        return {"bytes_per_step": words * (2 if self.half is not None else 4), "compression": self.cfg.compression.method}
 
     def versions(self) -> dict:
         return {"tensorflow": tf.__version__, "horovod": horovod.__version__, "numpy": np.__version__}
@@ -144,9 +179,6 @@ class TensorFlowAdapter:
 
 
 def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
-    if cfg.compression.method not in ("none", "fp16", "bf16"):
-        raise ConfigError(f"compression.method: {cfg.compression.method} is available for framework torch; "
-                          "TensorFlow runs support none, fp16 and bf16")
     if runtime.elastic_launch():
         raise ConfigError("framework: elastic training (horovodrun --min-np/--max-np) is available for "
                           "framework torch; launch TensorFlow runs with a fixed -np")

@@ -115,7 +115,12 @@ class TorchAdapter:
         return digest.hexdigest()
 
     def stats(self) -> dict:
-        return self.flat.stats() if self.flat is not None else {"compression": self.cfg.compression.method}
+        if self.flat is not None:
+            return self.flat.stats()
+        # overlap sends every gradient each step, in half precision for fp16/bf16
+        words = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        method = self.cfg.compression.method
+        return {"bytes_per_step": words * (2 if method in COMPRESSORS else 4), "compression": method}
 
     def versions(self) -> dict:
         return {"torch": torch.__version__, "horovod": horovod.__version__, "numpy": np.__version__}
