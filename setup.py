@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Data-parallel training with Horovod on Slurm clusters, and int8 export for edge devices",
     packages=find_packages(include=["hvdtrain", "hvdtrain.*"]),
+    package_data={"hvdtrain.bench": ["netns/hosts.sh"]},
     python_requires=">=3.9",
     install_requires=[
         "numpy",

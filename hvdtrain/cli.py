@@ -258,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
     ring.add_argument("--impls", type=lambda t: t.split(","), default=list(IMPLEMENTATIONS),
                       help=f"comma-separated: {', '.join(IMPLEMENTATIONS)}")
     ring.add_argument("--sizes", type=_floats, default=list(DEFAULT_SIZES_MB), help="message sizes in MiB")
+    ring.add_argument("--links", type=lambda t: t.split(","), default=["loopback"],
+                      help="loopback and/or tc-capped namespace links such as 1gbit,10gbit (needs root)")
     ring.add_argument("--out", default="benchmarks/results")
     ring.add_argument("--timeout", type=float, default=600)
     ring.set_defaults(handler=_bench_allreduce)

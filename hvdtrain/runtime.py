@@ -7,15 +7,17 @@ from hvdtrain.config import Config, HorovodConfig
 def horovod_env(cfg: HorovodConfig, elastic: bool = False) -> dict[str, str]:
     """hvdtrain's tuned Horovod settings as environment variables.
 
-    Elastic jobs keep Horovod's own cycle time and fusion threshold: with both of hvdtrain's values set,
-    Horovod 0.28.1 crashed (SIGSEGV in hvd.init) re-initialising after a worker was removed, in 5 of 5
-    tries; with either one alone, or neither, it did not (1 try each)."""
+    Elastic jobs (Gloo) keep Horovod's own cycle time and fusion threshold: with a 5 ms cycle and a 64 MiB
+    fusion threshold both set, Horovod 0.28.1 crashed (SIGSEGV in hvd.init) re-initialising after a worker
+    was removed, in 5 of 5 tries; with either one alone, or neither, it did not (1 try each)."""
     stall = {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(cfg.stall_warning_seconds),
              "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(cfg.stall_shutdown_seconds)}
     if elastic:
         return stall
+    # Open MPI reads its MCA variables in MPI_Init, which Horovod calls in hvd.init(): set before that.
+    yield_mpi = {"OMPI_MCA_mpi_yield_when_idle": "1"} if cfg.mpi_yield_when_idle else {}
     return {"HOROVOD_CYCLE_TIME": f"{cfg.cycle_time_ms:g}",
-            "HOROVOD_FUSION_THRESHOLD": str(int(cfg.fusion_threshold_mb * 1024 * 1024)), **stall}
+            "HOROVOD_FUSION_THRESHOLD": str(int(cfg.fusion_threshold_mb * 1024 * 1024)), **yield_mpi, **stall}
 
 
 def elastic_launch() -> bool:
@@ -24,7 +26,7 @@ def elastic_launch() -> bool:
 
 
 def configure_horovod_env(cfg: HorovodConfig, elastic: bool = False) -> None:
-    """Apply them before hvd.init(); a variable the user exported wins."""
+    """Apply them before hvd.init(); a variable the user (or the launcher) exported wins."""
     for name, value in horovod_env(cfg, elastic).items():
         os.environ.setdefault(name, value)
 

@@ -10,7 +10,7 @@ def test_scaling_allreduce_and_report(tmp_path):
              "--steps", "4", "--warmup", "1", "--model", "mlp", "--shape", "1", "8", "8", "--out", str(out),
              timeout=600)
     hvdtrain("bench", "allreduce", "--np", "2", "--impls", "horovod-mpi,horovod-gloo,mpi4py,torch-gloo",
-             "--sizes", "0.01,1,2", "--out", str(out), timeout=600)
+             "--sizes", "0.01,1,2", "--links", "loopback,1gbit", "--out", str(out), timeout=600)
     done = hvdtrain("bench", "report", str(out))
     assert "report.md" in done.stdout
 
@@ -20,15 +20,20 @@ def test_scaling_allreduce_and_report(tmp_path):
     for (mode, ranks), row in rows.items():
         assert len(row["per_rank_samples_per_s"]) == ranks  # measured on every rank, not extrapolated
         assert row["samples_per_s"] > 0 and row["efficiency"] > 0
-    assert scaling["settings"]["horovod_env"]["HOROVOD_CYCLE_TIME"] == "5"
+    assert scaling["settings"]["horovod_env"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
 
     report = json.loads((out / "report.json").read_text())
-    assert {a["impl"] for a in report["allreduce"]} == {"horovod-mpi", "horovod-gloo", "mpi4py", "torch-gloo"}
+    measured = {(a["impl"], a["link"]) for a in report["allreduce"]}
+    assert measured == {*((i, "loopback") for i in ("horovod-mpi", "horovod-gloo", "mpi4py", "torch-gloo")),
+                        ("horovod-mpi", "1gbit"), ("mpi4py", "1gbit")}
     assert all(r["bus_gb_s"] > 0 and r["memcpy_gb_s"] > 0 for a in report["allreduce"] for r in a["rows"])
-    assert report["projection"]["link"]["beta_bytes_per_s"] > 0
-    assert len(report["projection"]["efficiency"]["dense"]) == len(report["projection"]["ranks"])
-    for plot in ("scaling.png", "comparison.png", "allreduce.png", "projection.png"):
+    links = report["projection"]["links"]
+    assert links["loopback"]["beta_bytes_per_s"] > links["1gbit"]["beta_bytes_per_s"]
+    # the tc cap is 125 MB/s; the fit over 1-2 MiB messages must find it (within a factor of 2)
+    assert 6e7 < links["1gbit"]["beta_bytes_per_s"] < 2.5e8, links["1gbit"]
+    assert len(links["1gbit"]["efficiency"]["dense"]) == len(links["1gbit"]["ranks"])
+    for plot in ("scaling.png", "comparison.png", "allreduce.png", "projection.png", "projection-1gbit.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
-    assert "| hvdtrain (Horovod, tuned) | 2 |" in markdown and "## Scale-out projection" in markdown
+    assert "| hvdtrain (Horovod, tuned) | 2 |" in markdown and "## Scale-out projection over 1gbit" in markdown
     assert report["machine"]["cores"] >= 1 and "horovod" in report["machine"]["versions"]

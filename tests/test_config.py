@@ -1,5 +1,4 @@
 """Config validation and the CLI's one-line errors (no MPI needed)."""
-from pathlib import Path
 
 import numpy as np
 import pytest

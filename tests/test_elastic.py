@@ -5,7 +5,6 @@ import threading
 import time
 from collections import defaultdict
 
-import pytest
 
 from conftest import BIN, REPO, rank_processes, start
 from hvdtrain.cli import main

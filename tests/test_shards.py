@@ -13,8 +13,7 @@ from hvdtrain.cli import main
 from hvdtrain.config import DataConfig
 from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError
-from hvdtrain.shards import writer
-from hvdtrain.shards.index import open_set, verify
+from hvdtrain.shards.index import open_set
 from hvdtrain.shards.plan import ShardPlan, eval_segments
 from hvdtrain.shards.reader import ShardReader, raw_layout
 from conftest import REPO, run, BIN

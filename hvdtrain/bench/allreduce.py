@@ -3,6 +3,8 @@
 Implementations: Horovod over MPI and over Gloo (with hvdtrain's settings), mpi4py's Allreduce, and
 torch.distributed (gloo); one memcpy of the same buffer is the limit a shared-memory allreduce
 approaches. Bus bandwidth = bytes x 2(N-1)/N / time (nccl-tests' convention: comparable across N).
+Links: loopback (every implementation), and tc-capped links between two network-namespace hosts such as
+1gbit or 10gbit (the MPI-launched ones: mpi4py and horovod-mpi), which calibrate the report's model.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from contextlib import nullcontext
 from typing import Callable
+
+from hvdtrain.bench import links
 
 IMPLEMENTATIONS = ("horovod-mpi", "horovod-gloo", "mpi4py", "torch-gloo")
 DEFAULT_SIZES_MB = (0.004, 0.064, 0.25, 1, 4, 16, 64, 100)
@@ -79,8 +84,9 @@ def worker(args: argparse.Namespace) -> None:
                      "alg_gb_s": nbytes / seconds / 1e9, "memcpy_gb_s": nbytes / memcpy / 1e9})
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"allreduce-{impl}-np{size}.json").write_text(
-            json.dumps({"impl": impl, "ranks": size, "rows": rows}, indent=2))
+        suffix = "" if args.link == "loopback" else f"-{args.link}"
+        (Path(args.out) / f"allreduce-{impl}-np{size}{suffix}.json").write_text(
+            json.dumps({"impl": impl, "ranks": size, "link": args.link, "rows": rows}, indent=2))
     if impl == "torch-gloo":
         torch.distributed.destroy_process_group()
 
@@ -96,35 +102,51 @@ def _command(impl: str, np: int, module: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}", *module[1:]]
 
 
+CAPPED_IMPLS = ("horovod-mpi", "mpi4py")  # launched by mpirun, so they can run in the namespace hosts
+
+
+def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list[dict]:
+    results = []
+    impls = args.impls if link == "loopback" else [i for i in args.impls if i in CAPPED_IMPLS]
+    for impl in impls:
+        module = [sys.executable, "-m", "hvdtrain.bench.allreduce", "--impl", impl, "--out", str(out),
+                  "--link", link, "--sizes", *map(str, args.sizes)]
+        print(f"allreduce: {impl} np={args.np} over {link} ...", flush=True)
+        command = _command(impl, args.np, module) if link == "loopback" else [
+            *links.mpirun_in_namespaces(args.np), *module]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{impl} over {link} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        suffix = "" if link == "loopback" else f"-{link}"
+        results.append(json.loads((out / f"allreduce-{impl}-np{args.np}{suffix}.json").read_text()))
+    return results
+
+
 def sweep(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out) / "raw"
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    results = []
-    for impl in args.impls:
-        module = [sys.executable, "-m", "hvdtrain.bench.allreduce", "--impl", impl, "--out", str(out),
-                  "--sizes", *map(str, args.sizes)]
-        print(f"allreduce: {impl} np={args.np} ...", flush=True)
-        proc = subprocess.run(_command(impl, args.np, module), capture_output=True, text=True, env=env,
-                              timeout=args.timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{impl} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        results.append(json.loads((out / f"allreduce-{impl}-np{args.np}.json").read_text()))
-    print(f"{'MB':>8s} " + " ".join(f"{r['impl']:>13s}" for r in results) + "   memcpy   (bus GB/s)")
-    for i, megabytes in enumerate(args.sizes):
-        cells = " ".join(f"{r['rows'][i]['bus_gb_s'] or r['rows'][i]['alg_gb_s']:13.2f}" for r in results)
-        print(f"{megabytes:8g} {cells} {results[0]['rows'][i]['memcpy_gb_s']:8.2f}")
-    by = {r["impl"]: r["rows"][-1]["bus_gb_s"] for r in results}
-    if "mpi4py" in by and by["mpi4py"]:
-        for impl in ("horovod-mpi", "horovod-gloo"):
-            if by.get(impl):
-                print(f"{args.sizes[-1]:g} MB: {impl} / mpi4py bus bandwidth = {by[impl] / by['mpi4py']:.2f}x "
-                      "(target >= 0.9)")
-    return results
+    every = []
+    for link in args.links:
+        with nullcontext() if link == "loopback" else links.capped(link):
+            results = _run_link(link, args, out, env)
+        every += results
+        print(f"{link}: {'MB':>8s} " + " ".join(f"{r['impl']:>13s}" for r in results) + "   memcpy   (bus GB/s)")
+        for i, megabytes in enumerate(args.sizes):
+            cells = " ".join(f"{r['rows'][i]['bus_gb_s'] or r['rows'][i]['alg_gb_s']:13.2f}" for r in results)
+            print(f"{link}: {megabytes:8g} {cells} {results[0]['rows'][i]['memcpy_gb_s']:8.2f}")
+        by = {r["impl"]: r["rows"][-1]["bus_gb_s"] for r in results}
+        if by.get("mpi4py"):
+            for impl in ("horovod-mpi", "horovod-gloo"):
+                if by.get(impl):
+                    print(f"{link}: {args.sizes[-1]:g} MB: {impl} / mpi4py bus bandwidth = "
+                          f"{by[impl] / by['mpi4py']:.2f}x (target >= 0.9)")
+    return every
 
 
 if __name__ == "__main__":  # the worker entry point the launchers start
     parser = argparse.ArgumentParser(prog="python -m hvdtrain.bench.allreduce")
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--link", default="loopback")
     parser.add_argument("--sizes", type=float, nargs="+", default=list(DEFAULT_SIZES_MB))
     worker(parser.parse_args())

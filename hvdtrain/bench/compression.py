@@ -16,14 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
+from hvdtrain.bench import links
 from hvdtrain.io import write_json
 from hvdtrain.topk import TopK
 
-HOSTS = Path(__file__).with_name("netns") / "hosts.sh"
 EXTRA: list[str] = []
 METHODS = ("none", "fp16", "bf16", "topk", "shared_topk", "auto")
 # Communication-heavy: an MLP of 4.3 M parameters on the digits (8x8) computes a step in tens of
@@ -71,38 +72,24 @@ def _train(command_prefix: list[str], method: str, scratch: Path) -> dict:
             "compression": later[-1]["compression"], "test_accuracy": epochs[-1]["test_accuracy"]}
 
 
-def _mpirun_in_namespaces() -> list[str]:
-    # Open MPI would bind each host's rank to "its" core 0, i.e. both ranks to one core: `pin` puts rank r
-    # on core r instead. rtc ^hwloc: with binding off it is unused, and its topology sharing segfaulted the
-    # daemon in 1 of 5 starts here.
-    return ["mpirun", "--allow-run-as-root", "-np", str(RANKS), "-H", "h1,h2", "--bind-to", "none",
-            "--mca", "rtc", "^hwloc", "--mca", "plm_rsh_agent",
-            f"{HOSTS} agent", "--mca", "routed", "direct", "--mca", "btl", "tcp,self",
-            "--mca", "btl_tcp_if_include", "10.78.0.0/24", "--mca", "oob_tcp_if_include", "10.78.0.0/24",
-            "-x", "PATH", "-x", "HOROVOD_CYCLE_TIME", "-x", "TF_CPP_MIN_LOG_LEVEL", "bash", str(HOSTS), "pin"]
-
-
-def run(links: list[str], out: Path | None, methods: tuple[str, ...] = METHODS) -> dict:
+def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METHODS) -> dict:
     results: dict = {"selection": [selection_vs_memcpy(n) for n in (1_000_000, 6_400_000, 25_000_000)],
                      "links": {}}
     for row in results["selection"]:
         print(f"top-1% selection of {row['elements']:,} floats: {row['selection_ms']:.1f} ms = "
               f"{row['memcpy_times']:.2f} memcpy-times (target <= 3)", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        for link in links:
+        for link in link_names:
             if link == "loopback":
-                prefix = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS)]
+                prefix, network = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS)], nullcontext()
             else:
-                subprocess.run(["bash", str(HOSTS), "up", link], check=True)
-                prefix = _mpirun_in_namespaces()
-            try:
-                rows = []
+                prefix = links.mpirun_in_namespaces(RANKS, ("HOROVOD_CYCLE_TIME", "TF_CPP_MIN_LOG_LEVEL"))
+                network = links.capped(link)
+            rows = []
+            with network:
                 for method in dict.fromkeys(("none", *methods)):  # none is every link's baseline
                     print(f"bench compression: {link} {method} ...", flush=True)
                     rows.append(_train(prefix, method, Path(scratch)))
-            finally:
-                if link != "loopback":
-                    subprocess.run(["bash", str(HOSTS), "down"], check=False)
             base = next(r for r in rows if r["method"] == "none")
             for row in rows:
                 row["speedup_vs_none"] = base["step_ms"] / row["step_ms"]

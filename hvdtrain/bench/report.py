@@ -82,7 +82,7 @@ def _bandwidth_plot(allreduce: list[dict], out: Path) -> str:
     for result in allreduce:
         rows = result["rows"]
         ax.plot([r["bytes"] for r in rows], [r["bus_gb_s"] or r["alg_gb_s"] for r in rows], "o-",
-                label=f"{result['impl']} ({result['ranks']} ranks)")
+                label=f"{_name(result)} ({result['ranks']} ranks)")
     rows = allreduce[0]["rows"]
     ax.plot([r["bytes"] for r in rows], [r["memcpy_gb_s"] for r in rows], "k--", label="one memcpy (limit)")
     ax.set(xscale="log", yscale="log", xlabel="message bytes", ylabel="bus bandwidth (GB/s)",
@@ -93,19 +93,39 @@ def _bandwidth_plot(allreduce: list[dict], out: Path) -> str:
     return "allreduce.png"
 
 
+def _name(allreduce: dict) -> str:
+    link = allreduce.get("link", "loopback")
+    return allreduce["impl"] if link == "loopback" else f"{allreduce['impl']} over {link}"
+
+
+def _calibrate(allreduce: list[dict]) -> Link | None:
+    """The link from plain MPI (mpi4py); Horovod's own cost per call from its gap on small messages."""
+    transport = next((a for a in allreduce if a["impl"] == "mpi4py"), None)
+    horovod = next((a for a in allreduce if a["impl"] == "horovod-mpi"), None)
+    if not (transport and horovod):
+        return None
+    large = [r for r in transport["rows"] if r["bytes"] >= 2**20]
+    fitted = Link.fit_ring([r["bytes"] for r in large], [r["seconds"] for r in large], transport["ranks"])
+    # latency from the smallest message: the fit's intercept is lost in the large-message noise
+    alpha = transport["rows"][0]["seconds"] / (2 * (transport["ranks"] - 1))
+    gaps = sorted(h["seconds"] - m["seconds"] for h, m in zip(horovod["rows"], transport["rows"]) if h["bytes"] <= 2**20)
+    return Link(alpha, fitted.beta, overhead=max(0.0, gaps[len(gaps) // 2]))
+
+
 def _projection(link: Link, link_name: str, gradient_bytes: float, compute_s: float, measured: list[dict],
-                out: Path) -> tuple[str, dict]:
+                out: Path, filename: str) -> tuple[str, dict]:
     curves = project(link, gradient_bytes, compute_s, PROJECTED_RANKS)
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, values in curves.items():
         ax.plot(PROJECTED_RANKS, values, "-", label=f"model: {method}")
-    ax.plot([r["ranks"] for r in measured], [r["efficiency"] for r in measured], "ks", label="measured (hvdtrain)")
+    if measured:
+        ax.plot([r["ranks"] for r in measured], [r["efficiency"] for r in measured], "ks", label="measured (hvdtrain)")
     ax.set(xscale="log", xlabel="ranks", ylabel="efficiency (no overlap)", ylim=(0, 1.05),
            title=f"Projection: {gradient_bytes / 1e6:.1f} MB gradients, {compute_s * 1e3:.0f} ms compute\n{link_name}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, out / "projection.png")
-    return "projection.png", {"ranks": PROJECTED_RANKS, "efficiency": curves}
+    _save(fig, out / filename)
+    return filename, {"ranks": PROJECTED_RANKS, "efficiency": curves}
 
 
 def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
@@ -151,7 +171,7 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
         allreduce = [json.loads(p.read_text()) for p in allreduce_files]
         report["allreduce"] = allreduce
         md += ["## Allreduce bus bandwidth (GB/s)", "",
-               "| MiB | " + " | ".join(a["impl"] for a in allreduce) + " | memcpy |",
+               "| MiB | " + " | ".join(_name(a) for a in allreduce) + " | memcpy |",
                "|---|" + "---|" * (len(allreduce) + 1)]
         for i, row in enumerate(allreduce[0]["rows"]):
             md.append(f"| {row['bytes'] / 2**20:g} | " + " | ".join(
@@ -159,37 +179,35 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
                 + f" | {row['memcpy_gb_s']:.2f} |")
         plots.append(_bandwidth_plot(allreduce, out))
         md += ["", "![bus bandwidth](allreduce.png)", ""]
-        transport = next((a for a in allreduce if a["impl"] == "mpi4py" and a["ranks"] > 1), None)
-        horovod = next((a for a in allreduce if a["impl"] == "horovod-mpi" and a["ranks"] > 1), None)
         horovod_rows = sorted((r for r in rows if r["mode"] == "horovod"), key=lambda r: r["ranks"])
-        if transport and horovod and horovod_rows:
-            # The link from plain MPI; Horovod's own cost per call from the gap on small messages.
-            large = [r for r in transport["rows"] if r["bytes"] >= 2**20]
-            fitted = Link.fit_ring([r["bytes"] for r in large], [r["seconds"] for r in large], transport["ranks"])
-            # latency from the smallest message: the fit's intercept is lost in the large-message noise
-            alpha = transport["rows"][0]["seconds"] / (2 * (transport["ranks"] - 1))
-            gaps = sorted(h["seconds"] - m["seconds"] for h, m in zip(horovod["rows"], transport["rows"])
-                          if h["bytes"] <= 2**20)
-            link = Link(alpha, fitted.beta, overhead=max(0.0, gaps[len(gaps) // 2]))
+        if horovod_rows:
             gradient_bytes = horovod_rows[0]["params"] * 4
             compute_s = horovod_rows[0]["forward_backward_ms"] / 1e3
-            name = (f"loopback: alpha {link.alpha * 1e6:.0f} us, beta {link.beta / 1e9:.2f} GB/s, "
-                    f"Horovod {link.overhead * 1e3:.1f} ms per call")
-            plot, projection = _projection(link, name, gradient_bytes, compute_s, horovod_rows, out)
-            plots.append(plot)
-            report["projection"] = {"link": {"alpha_s": link.alpha, "beta_bytes_per_s": link.beta,
-                                             "overhead_s": link.overhead,
-                                             "calibrated_on": "mpi4py Allreduce (link), horovod-mpi minus mpi4py "
-                                                              "at <= 1 MiB (per-call overhead)"},
-                                    "gradient_bytes": gradient_bytes, "compute_s": compute_s, **projection}
-            md += ["## Scale-out projection (alpha-beta model, `hvdtrain/costmodel.py`)", "",
-                   f"Calibrated on {name}; gradients {gradient_bytes / 1e6:.1f} MB, compute {compute_s * 1e3:.1f} ms "
-                   "per step, no overlap assumed. Efficiency by ranks:", "",
-                   "| method | " + " | ".join(str(n) for n in PROJECTED_RANKS) + " |",
-                   "|---|" + "---|" * len(PROJECTED_RANKS)]
-            for method, values in projection["efficiency"].items():
-                md.append(f"| {method} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
-            md += ["", "![projection](projection.png)", ""]
+            report["projection"] = {"gradient_bytes": gradient_bytes, "compute_s": compute_s, "links": {}}
+            for link_name in dict.fromkeys(a.get("link", "loopback") for a in allreduce):
+                on_link = [a for a in allreduce if a.get("link", "loopback") == link_name and a["ranks"] > 1]
+                link = _calibrate(on_link)
+                if link is None:
+                    continue
+                # the training points were measured on loopback; the capped links have the model only
+                measured = horovod_rows if link_name == "loopback" else []
+                name = (f"{link_name}: alpha {link.alpha * 1e6:.0f} us, beta {link.beta / 1e9:.3f} GB/s, "
+                        f"Horovod {link.overhead * 1e3:.1f} ms per call")
+                plot, projection = _projection(link, name, gradient_bytes, compute_s, measured, out,
+                                               "projection.png" if link_name == "loopback" else f"projection-{link_name}.png")
+                plots.append(plot)
+                report["projection"]["links"][link_name] = {
+                    "alpha_s": link.alpha, "beta_bytes_per_s": link.beta, "overhead_s": link.overhead,
+                    "calibrated_on": "mpi4py Allreduce (link), horovod-mpi minus mpi4py at <= 1 MiB (per-call "
+                                     "overhead)", **projection}
+                md += [f"## Scale-out projection over {link_name} (alpha-beta model, `hvdtrain/costmodel.py`)", "",
+                       f"Calibrated on {name}; gradients {gradient_bytes / 1e6:.1f} MB, compute "
+                       f"{compute_s * 1e3:.1f} ms per step, no overlap assumed. Efficiency by ranks:", "",
+                       "| method | " + " | ".join(str(n) for n in PROJECTED_RANKS) + " |",
+                       "|---|" + "---|" * len(PROJECTED_RANKS)]
+                for method, values in projection["efficiency"].items():
+                    md.append(f"| {method} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+                md += ["", f"![projection over {link_name}]({plot})", ""]
     report["plots"] = plots
     write_json(out / "report.json", report)
     write_text(out / "report.md", "\n".join(md) + "\n")

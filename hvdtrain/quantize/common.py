@@ -107,5 +107,5 @@ def write_report(out: Path, report: dict) -> None:
                   f"- speed-up fp32/int8: batch 1 {fmt['speedup_b1']:.2f}x, batch 32 {fmt['speedup_b32']:.2f}x "
                   "(1 thread, median after warm-up)",
                   f"- kept in float: {', '.join(int8['kept_in_float']) or 'nothing'}",
-                  f"- tried: " + "; ".join(f"{t['name']} {t['accuracy']:.4f}" for t in fmt["tried"]), ""]
+                  "- tried: " + "; ".join(f"{t['name']} {t['accuracy']:.4f}" for t in fmt["tried"]), ""]
     write_text(out / "quantize_report.md", "\n".join(lines) + "\n")

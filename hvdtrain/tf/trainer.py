@@ -69,6 +69,8 @@ class TensorFlowAdapter:
         if self.overlap:
             compression = hvd.Compression.fp16 if self.half is not None else hvd.Compression.none
             grads = hvd.DistributedGradientTape(tape, compression=compression).gradient(loss, variables)
+        elif self.size == 1:  # the average of one rank is its gradient: no Horovod cycle to wait for
+            grads = tape.gradient(loss, variables)
         else:
             grads = tape.gradient(loss, variables)
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
@@ -163,8 +165,8 @@ class TensorFlowAdapter:
     def stats(self) -> dict:
         if self.sparse is not None:
             return self.sparse.stats()
-        # dense exchanges send every gradient each step, in half precision for fp16/bf16
-        words = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
+        # dense exchanges send every gradient each step (none on one rank), in half precision for fp16/bf16
+        words = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables) if self.size > 1 else 0
         return {"bytes_per_step": words * (2 if self.half is not None else 4), "compression": self.cfg.compression.method}
 
     def versions(self) -> dict:

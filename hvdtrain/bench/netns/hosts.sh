@@ -48,6 +48,7 @@ case "${1:-}" in
         done
         ip link del "$bridge" 2>/dev/null || true
         rmdir /etc/netns 2>/dev/null || true
+        rm -rf /tmp/hvdb-h1 /tmp/hvdb-h2
         ;;
     agent)
         # mpirun calls: agent [options] HOST COMMAND...; skip ssh-style options it may pass
@@ -55,7 +56,10 @@ case "${1:-}" in
         while [ "${1:-}" != "${1#-}" ]; do shift; done
         host=$1
         shift
-        exec ip netns exec "hvdb-$host" sh -c "$*"
+        # Both hosts keep this machine's hostname, so their Open MPI daemons would share one session
+        # directory (and clash in it): give each host its own.
+        mkdir -p "/tmp/hvdb-$host"
+        exec ip netns exec "hvdb-$host" env OMPI_MCA_orte_tmpdir_base="/tmp/hvdb-$host" sh -c "$*"
         ;;
     pin)
         shift

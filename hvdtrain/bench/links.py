@@ -1,0 +1,33 @@
+"""Links for communication benchmarks: plain loopback, or two "hosts" in network namespaces joined by a
+tc-capped bridge (netns/hosts.sh), with ranks started by mpirun and Open MPI forced onto TCP over it."""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+HOSTS = Path(__file__).with_name("netns") / "hosts.sh"
+
+
+def mpirun_in_namespaces(ranks: int, exports: tuple[str, ...] = ()) -> list[str]:
+    """mpirun placing rank r on host h(r+1), pinned to core r (`hosts.sh pin`): Open MPI would bind each
+    host's rank to "its" core 0, i.e. both ranks to one core."""
+    hosts = ",".join(f"h{i + 1}" for i in range(ranks))
+    command = ["mpirun", "--allow-run-as-root", "-np", str(ranks), "-H", hosts, "--bind-to", "none",
+               "--mca", "plm_rsh_agent", f"{HOSTS} agent", "--mca", "routed", "direct",
+               "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "10.78.0.0/24",
+               "--mca", "oob_tcp_if_include", "10.78.0.0/24", "-x", "PATH"]
+    for name in exports:
+        command += ["-x", name]
+    return [*command, "bash", str(HOSTS), "pin"]
+
+
+@contextlib.contextmanager
+def capped(rate: str) -> Iterator[None]:
+    """The two namespace hosts with each veth capped at `rate` (like 1gbit), removed afterwards."""
+    subprocess.run(["bash", str(HOSTS), "up", rate], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(HOSTS), "down"], check=False)
