@@ -107,6 +107,13 @@ class CompressionConfig(_Section):
     auto_trial_steps: int = Field(10, ge=2, description="auto: steps timed per candidate")
     auto_recheck_every: int = Field(500, ge=10, description="auto: steps between re-measurements")
 
+    @model_validator(mode="after")
+    def _room_for_trials(self) -> "CompressionConfig":
+        if self.auto_recheck_every < 3 * self.auto_trial_steps:
+            raise ValueError("auto_recheck_every: must be at least 3 x auto_trial_steps (dense, top-k and the "
+                             "chosen mix are each timed that many steps)")
+        return self
+
 
 class Config(_Section):
     framework: Literal["torch", "tensorflow"] = "torch"

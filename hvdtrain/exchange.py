@@ -10,8 +10,12 @@ with Horovod's ops (hvdtrain.torch.exchange, hvdtrain.tf.exchange):
   - shared_topk: a rotating leader picks the indices from its residual-corrected gradient and broadcasts
     them; every rank allreduces its values at those indices, so traffic does not grow with the number of
     ranks (ScaleCom's cyclic local top-k);
-  - auto: times none and topk on the first steps (and again every `auto_recheck_every` steps) and uses
-    the faster; all ranks agree on the measured times before deciding.
+  - auto: per tensor, from measurements of the first steps (again every `auto_recheck_every` steps): a
+    few dense steps and a few top-k steps give the link's bandwidth (alpha-beta: both exchanges pay the
+    same fixed cost per step, and differ in volume) and each tensor's selection time; a tensor is
+    compressed when the wire time it saves exceeds its selection time. The chosen mix is then timed
+    against dense and kept only if it is not slower. All ranks agree on the times (their maximum), so
+    they take the same decision.
 Top-k's share can start larger and fall geometrically to `ratio` over `warmup_steps` (DGC's sparsity
 warm-up), so the first, largest gradients are not mostly held back.
 """
@@ -67,6 +71,26 @@ def density(cfg: CompressionConfig, step: int) -> float:
     return cfg.warmup_ratio * (cfg.ratio / cfg.warmup_ratio) ** (step / cfg.warmup_steps)
 
 
+def link_bandwidth(dense_seconds: float, dense_volume: float, sparse_seconds: float,
+                   sparse_volume: float) -> Optional[float]:
+    """Bytes/s implied by two measured exchanges with the same fixed cost per step (t = c + volume / beta);
+    None when the dense exchange was not both larger and slower (communication is then free to us)."""
+    if dense_volume <= sparse_volume or dense_seconds <= sparse_seconds:
+        return None
+    return (dense_volume - sparse_volume) / (dense_seconds - sparse_seconds)
+
+
+def worth_compressing(counts: Sequence[int], ks: Sequence[int], select_seconds: Sequence[float], ranks: int,
+                      bandwidth: Optional[float]) -> list[bool]:
+    """Per tensor: does the wire time top-k saves (ring allreduce of 4n bytes vs allgather of k values and
+    indices) exceed the time spent selecting?"""
+    if bandwidth is None or ranks < 2:
+        return [False] * len(counts)
+    ring = 2 * (ranks - 1) / ranks
+    return [(ring * 4 * n - (ranks - 1) * (4 + INDEX_BYTES) * k) / bandwidth > seconds
+            for n, k, seconds in zip(counts, ks, select_seconds)]
+
+
 class Exchange:
     def __init__(self, large: list[tuple[int, int]], cfg: CompressionConfig, comm: Collectives):
         self.cfg, self.comm, self.large = cfg, comm, large
@@ -75,7 +99,10 @@ class Exchange:
         self.residual_pending = False  # error feedback holds gradient not yet sent
         self.select = TopK(seed=comm.rank)
         self.step, self.bytes_sent, self.stats_step = 0, 0, 0
-        self.auto_choice, self.auto_times, self.auto_trials = None, None, {"none": [], "topk": []}
+        self.active = [True] * len(large)  # the large tensors top-k sparsifies (auto may turn some off)
+        self.select_seconds, self.comm_seconds = [], 0.0  # of the last top-k step
+        self.auto_choice, self.auto_pending, self.auto_record = None, False, {}
+        self.auto_trials: dict[str, list] = {}
 
     def __call__(self, buffer: np.ndarray) -> None:
         """Average `buffer` (float32, laid out by `layout`) over all ranks, in place."""
@@ -97,8 +124,7 @@ class Exchange:
         steps = max(1, self.step - self.stats_step)
         result = {"bytes_per_step": self.bytes_sent / steps, "compression": self.cfg.method}
         if self.cfg.method == "auto" and self.auto_choice:
-            result.update(compression=f"auto:{self.auto_choice}", auto_seconds={"none": self.auto_times[0],
-                                                                                  "topk": self.auto_times[1]})
+            result.update(compression=f"auto:{self.auto_choice}", **self.auto_record)
         self.bytes_sent, self.stats_step = 0, self.step
         return result
 
@@ -111,11 +137,11 @@ class Exchange:
         self._flush_residual(buffer)
         return self._dense(buffer)
 
-    def _dense_async(self, region: np.ndarray) -> list:
-        return [self.comm.allreduce_async(region, f"gradients.dense.{region.size}")] if region.size else []
+    def _dense_async(self, region: np.ndarray, offset: int) -> list:
+        return [self.comm.allreduce_async(region, f"gradients.dense.{offset}")] if region.size else []
 
     def _dense(self, region: np.ndarray) -> int:
-        for handle in self._dense_async(region):
+        for handle in self._dense_async(region, 0):
             self.comm.wait(handle)
         return region.nbytes
 
@@ -130,26 +156,39 @@ class Exchange:
         return max(1, int(count * density(self.cfg, self.step)))
 
     def _topk(self, buffer: np.ndarray) -> int:
-        """Error feedback: m += g; select top-k of m per tensor; m[selected] = 0; allgather what was selected."""
+        """Error feedback: m += g; select top-k of m per tensor; m[selected] = 0; allgather what was selected.
+        Tensors not active, and the small ones, take a dense allreduce in the same Horovod cycle."""
         self.residual_pending = True
-        grads, values, indices = buffer[:self.split], [], []
-        for offset, count in self.large:
+        values, indices, dense, self.select_seconds = [], [], [(self.split, buffer[self.split:])], []
+        for (offset, count), active in zip(self.large, self.active):
             part = slice(offset, offset + count)
-            v, i = select_with_feedback(self.residual[part], grads[part], self._k(count), self.select)
+            if not active:  # sent dense from now on: what error feedback held back goes with it
+                buffer[part] += self.residual[part]
+                self.residual[part] = 0
+                dense.append((offset, buffer[part]))
+                continue
+            started = time.perf_counter()
+            v, i = select_with_feedback(self.residual[part], buffer[part], self._k(count), self.select)
+            self.select_seconds.append(time.perf_counter() - started)
             values.append(v)
             indices.append((i + offset).astype(np.int32))
         values, indices = np.concatenate(values), np.concatenate(indices)
-        # Enqueued together, the three collectives are negotiated in one Horovod cycle instead of three.
+        started = time.perf_counter()
+        # Enqueued together, the collectives are negotiated in one Horovod cycle instead of one each.
         gathers = [self.comm.allgather_async(values, "topk.values"),
                    self.comm.allgather_async(indices, "topk.indices")]
-        dense = self._dense_async(buffer[self.split:])
+        handles = [h for offset, region in dense for h in self._dense_async(region, offset)]
         all_values, all_indices = (self.comm.wait(handle) for handle in gathers)
-        for handle in dense:
+        for handle in handles:
             self.comm.wait(handle)
-        grads[:] = 0
-        np.add.at(grads, all_indices, all_values)
-        grads /= self.comm.size
-        return values.nbytes + indices.nbytes + buffer[self.split:].nbytes
+        self.comm_seconds = time.perf_counter() - started
+        sparse = [slice(o, o + n) for (o, n), active in zip(self.large, self.active) if active]
+        for part in sparse:
+            buffer[part] = 0
+        np.add.at(buffer, all_indices, all_values)
+        for part in sparse:
+            buffer[part] /= self.comm.size
+        return values.nbytes + indices.nbytes + sum(region.nbytes for _, region in dense)
 
     def _shared_topk(self, buffer: np.ndarray) -> int:
         self.residual += buffer[:self.split]
@@ -165,7 +204,8 @@ class Exchange:
         indices = self.comm.broadcast(picked, leader, "shared_topk.indices")
         indices = indices[indices >= 0]
         values = self.residual[indices]
-        handles = [self.comm.allreduce_async(values, "shared_topk.values"), *self._dense_async(buffer[self.split:])]
+        handles = [self.comm.allreduce_async(values, "shared_topk.values"),
+                   *self._dense_async(buffer[self.split:], self.split)]
         for handle in handles:
             self.comm.wait(handle)
         self.residual[indices] = 0
@@ -176,18 +216,58 @@ class Exchange:
         return sent + buffer[self.split:].nbytes
 
     def _auto(self, buffer: np.ndarray) -> int:
-        """Time none and topk on trial steps, agree on the times across ranks, use the faster."""
+        """Trial steps: `auto_trial_steps` dense, as many top-k on every large tensor, then (if the model
+        picked any tensor) as many with the model's choice; afterwards the decision until the re-check."""
         trial, phase = self.cfg.auto_trial_steps, self.step % self.cfg.auto_recheck_every
-        if phase >= 2 * trial:
+        if phase == 0:
+            self.auto_trials = {"none": [], "topk": [], "chosen": [], "select": [], "comm": []}
+        if phase < trial:
+            stage = "none"
+        elif phase < 2 * trial:
+            stage, self.active = "topk", [True] * len(self.large)
+        elif phase < 3 * trial and self.auto_pending:
+            stage = "chosen"
+        else:
             return self._run(self.auto_choice, buffer)
-        method = "none" if phase < trial else "topk"  # measuring: `trial` steps dense, then `trial` top-k
         started = time.perf_counter()
-        sent = self._run(method, buffer)
-        self.auto_trials[method].append(time.perf_counter() - started)
+        sent = self._run("none" if stage == "none" else "topk", buffer)
+        self.auto_trials[stage].append(time.perf_counter() - started)
+        if stage == "topk":
+            self.auto_trials["select"].append(self.select_seconds)
+            self.auto_trials["comm"].append(self.comm_seconds)
         if phase == 2 * trial - 1:
-            medians = np.array([np.median(self.auto_trials["none"]), np.median(self.auto_trials["topk"])])
-            worst = self.comm.maximum(medians, "auto.times")  # the same decision everywhere
-            self.auto_choice = "topk" if worst[1] < worst[0] else "none"
-            self.auto_times = worst.tolist()
-            self.auto_trials = {"none": [], "topk": []}
+            self._auto_model(buffer)
+        elif phase == 3 * trial - 1:
+            self._auto_verify()
         return sent
+
+    def _auto_model(self, buffer: np.ndarray) -> None:
+        trials, ranks = self.auto_trials, self.comm.size
+        local = [np.median(trials["none"]), np.median(trials["comm"]), np.median(trials["topk"]),
+                 *np.median(trials["select"], axis=0)]
+        agreed = self.comm.maximum(np.array(local, np.float64), "auto.model")  # the same inputs everywhere
+        dense_seconds, sparse_comm, topk_seconds, select = agreed[0], agreed[1], agreed[2], agreed[3:]
+        counts = [n for _, n in self.large]
+        ks = [self._k(n) for n in counts]
+        ring = 2 * (ranks - 1) / ranks
+        tail = buffer[self.split:].nbytes
+        bandwidth = link_bandwidth(dense_seconds, ring * buffer.nbytes, sparse_comm,
+                                   (ranks - 1) * (4 + INDEX_BYTES) * sum(ks) + ring * tail)
+        self.active = worth_compressing(counts, ks, select, ranks, bandwidth)
+        self.auto_record = {"auto_seconds": {"none": float(dense_seconds), "topk": float(topk_seconds)},
+                            "auto_link_bytes_per_s": bandwidth,
+                            "auto_tensors": f"{sum(self.active)} of {len(self.active)} compressed"}
+        self.auto_pending = any(self.active)
+        if not self.auto_pending:
+            self.auto_choice = "none"
+
+    def _auto_verify(self) -> None:
+        """Keep the model's choice only if it measured no slower than dense."""
+        local = np.array([np.median(self.auto_trials["none"]), np.median(self.auto_trials["chosen"])])
+        dense_seconds, chosen_seconds = self.comm.maximum(local, "auto.verify")
+        self.auto_record["auto_seconds"]["chosen"] = float(chosen_seconds)
+        self.auto_pending = False
+        if chosen_seconds <= dense_seconds:
+            self.auto_choice = "topk"
+        else:
+            self.auto_choice, self.auto_record["auto_tensors"] = "none", f"0 of {len(self.active)} compressed"

@@ -78,7 +78,8 @@ def test_every_mode_keeps_ranks_identical_and_counts_bytes(method, tmp_path):
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["bytes_per_step"] > 0 and record["compression"].startswith(method)
     if method == "auto":
-        assert record["compression"] in ("auto:none", "auto:topk") and set(record["auto_seconds"]) == {"none", "topk"}
+        assert record["compression"] in ("auto:none", "auto:topk") and {"none", "topk"} <= set(record["auto_seconds"])
+        assert record["auto_tensors"].endswith("compressed")
 
 
 def test_fp16_on_cpu_matches_the_float32_average_where_horovods_fails(tmp_path):
@@ -101,3 +102,18 @@ def test_topk_with_error_feedback_matches_uncompressed_accuracy_on_digits(tmp_pa
         accuracy[method] = summary["final"]["test_accuracy"]
         assert summary["steps"] == 660
     assert accuracy["topk"] >= accuracy["none"] - 0.01, accuracy
+
+
+def test_auto_model_finds_the_link_and_compresses_only_where_it_pays():
+    from hvdtrain.exchange import link_bandwidth, worth_compressing
+
+    fixed, beta = 0.005, 1.25e8  # 5 ms per exchange, 1 Gbit/s
+    dense, sparse = 17.4e6, 0.4e6
+    assert link_bandwidth(fixed + dense / beta, dense, fixed + sparse / beta, sparse) == pytest.approx(beta)
+    assert link_bandwidth(0.01, dense, 0.02, sparse) is None  # top-k's exchange was slower: no bandwidth to save
+    counts, ks = [4_000_000, 5_000], [40_000, 50]
+    # 1 Gbit/s: 4 M floats save ~32 ms against 3 ms of selection; 5 k floats save ~0.16 ms against 0.1 ms
+    assert worth_compressing(counts, ks, [0.003, 0.0001], 2, beta) == [True, True]
+    # 10 GB/s: the wire time saved (3 ms, 2 us) no longer pays for 4 ms and 0.1 ms of selection
+    assert worth_compressing(counts, ks, [0.004, 0.0001], 2, 1e10) == [False, False]
+    assert worth_compressing(counts, ks, [0.0, 0.0], 2, None) == [False, False]

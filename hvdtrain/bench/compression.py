@@ -69,7 +69,9 @@ def _train(command_prefix: list[str], method: str, scratch: Path) -> dict:
     samples_per_s = statistics.median(e["samples_per_s"] for e in later)
     return {"method": method, "step_ms": 1e3 * RANKS * BATCH / samples_per_s, "samples_per_s": samples_per_s,
             "bytes_per_step": statistics.median(e["bytes_per_step"] for e in later),
-            "compression": later[-1]["compression"], "test_accuracy": epochs[-1]["test_accuracy"]}
+            "compression": later[-1]["compression"], "test_accuracy": epochs[-1]["test_accuracy"],
+            **{key: later[-1][key] for key in ("auto_tensors", "auto_link_bytes_per_s", "auto_seconds")
+               if key in later[-1]}}
 
 
 def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METHODS) -> dict:
@@ -101,7 +103,8 @@ def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METH
                     print(f"  {link:8s} {row['method']}: accuracy {row['test_accuracy'] - base['test_accuracy']:+.3f} "
                           f"vs none (target: within 0.01), step x{row['speedup_vs_none']:.2f} (1 Gbit target: x3)")
                 if row["method"] == "auto":
-                    print(f"  {link:8s} auto: step {1 / row['speedup_vs_none']:.2f}x none's (target: <= 1.05)")
+                    print(f"  {link:8s} auto: step {1 / row['speedup_vs_none']:.2f}x none's (target: <= 1.05); "
+                          f"{row.get('auto_tensors', '')}")
             results["links"][link] = rows
     if out:
         write_json(out, results)

@@ -168,7 +168,8 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
         plots += _scaling_plots(rows, out)
         md += ["", "![throughput and efficiency](scaling.png)", "", "![comparison](comparison.png)", ""]
     if allreduce_files:
-        allreduce = [json.loads(p.read_text()) for p in allreduce_files]
+        allreduce = sorted((json.loads(p.read_text()) for p in allreduce_files),
+                           key=lambda a: (a.get("link", "loopback") != "loopback", a.get("link", ""), a["impl"]))
         report["allreduce"] = allreduce
         md += ["## Allreduce bus bandwidth (GB/s)", "",
                "| MiB | " + " | ".join(_name(a) for a in allreduce) + " | memcpy |",
@@ -177,6 +178,13 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
             md.append(f"| {row['bytes'] / 2**20:g} | " + " | ".join(
                 f"{(a['rows'][i]['bus_gb_s'] or a['rows'][i]['alg_gb_s']):.2f}" for a in allreduce)
                 + f" | {row['memcpy_gb_s']:.2f} |")
+        md.append("")
+        for link_name in dict.fromkeys(a.get("link", "loopback") for a in allreduce):
+            largest = {a["impl"]: a["rows"][-1] for a in allreduce if a.get("link", "loopback") == link_name}
+            if "mpi4py" in largest and largest["mpi4py"]["bus_gb_s"]:
+                md += [f"- {largest['mpi4py']['bytes'] / 2**20:g} MiB over {link_name}: " + ", ".join(
+                    f"{impl} {row['bus_gb_s'] / largest['mpi4py']['bus_gb_s']:.2f}x" for impl, row in largest.items()
+                    if impl != "mpi4py" and row["bus_gb_s"]) + " of mpi4py's bus bandwidth"]
         plots.append(_bandwidth_plot(allreduce, out))
         md += ["", "![bus bandwidth](allreduce.png)", ""]
         horovod_rows = sorted((r for r in rows if r["mode"] == "horovod"), key=lambda r: r["ranks"])
