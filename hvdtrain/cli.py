@@ -249,6 +249,9 @@ def parser() -> argparse.ArgumentParser:
     scale.add_argument("--out", default="benchmarks/results", help="results directory (report reads it)")
     scale.add_argument("--timeout", type=float, default=600, help="seconds per job")
     scale.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
+    scale.add_argument("--timeline", action="store_true",
+                       help="write Horovod's timeline of the first run of each Horovod job to OUT/timeline-MODE-npN.json "
+                            "(open in chrome://tracing)")
     add_model_arguments(scale)
     scale.set_defaults(handler=_bench_scaling)
 

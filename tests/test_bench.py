@@ -8,7 +8,7 @@ def test_scaling_allreduce_and_report(tmp_path):
     out = tmp_path / "results"
     hvdtrain("bench", "scaling", "--np", "1,2", "--modes", "horovod,horovod-default,ddp,nocomm", "--repeats", "1",
              "--steps", "4", "--warmup", "1", "--model", "mlp", "--shape", "1", "8", "8", "--out", str(out),
-             timeout=600)
+             "--timeline", timeout=600)
     hvdtrain("bench", "allreduce", "--np", "2", "--impls", "horovod-mpi,horovod-gloo,mpi4py,torch-gloo",
              "--sizes", "0.01,1,2", "--links", "loopback,1gbit", "--out", str(out), timeout=600)
     done = hvdtrain("bench", "report", str(out))
@@ -20,6 +20,10 @@ def test_scaling_allreduce_and_report(tmp_path):
     for (mode, ranks), row in rows.items():
         assert len(row["per_rank_samples_per_s"]) == ranks  # measured on every rank, not extrapolated
         assert row["samples_per_s"] > 0 and row["efficiency"] > 0
+    # Horovod's timeline, on request: its negotiation and allreduce of the flat gradient buffer
+    timeline = (out / "timeline-horovod-np2.json").read_text()
+    assert "NEGOTIATE_ALLREDUCE" in timeline and "gradients.dense" in timeline
+    assert not (out / "timeline-ddp-np2.json").exists()
     assert scaling["settings"]["horovod_env"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
 
     report = json.loads((out / "report.json").read_text())

@@ -108,14 +108,17 @@ def worker(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _launch(mode: str, np: int, worker_args: list[str], timeout: float) -> None:
+def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline: Path | None = None) -> None:
     module = [sys.executable, "-m", "hvdtrain.bench.scaling", "worker", "--mode", mode, *worker_args]
+    env = dict(os.environ)
+    if timeline is not None and mode.startswith("horovod"):
+        env["HOROVOD_TIMELINE"] = str(timeline)  # Horovod's own trace of every collective (rank 0 writes it)
     if mode.startswith("horovod"):
         command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np), *module]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}",
                    *module[1:]]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} at np={np} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
@@ -180,7 +183,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         for np in args.np:
             for mode in args.modes:
                 print(f"scaling: {mode} np={np} (run {repeat + 1}/{args.repeats}) ...", flush=True)
-                _launch(mode, np, [*worker_args, "--repeat", str(repeat)], timeout=args.timeout)
+                timeline = out / f"timeline-{mode}-np{np}.json" if args.timeline and repeat == 0 else None
+                _launch(mode, np, [*worker_args, "--repeat", str(repeat)], args.timeout, timeline)
     return write_scaling(out)
 
 
