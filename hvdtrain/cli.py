@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 from hvdtrain.errors import UserError
 
@@ -156,24 +157,28 @@ def _numbers(kind: type, example: str):
 _ints, _floats, _shape = _numbers(int, "1,2,4"), _numbers(float, "0.25,1,64"), _numbers(int, "3,64,64")
 
 
-def _modes(text: str) -> list[str]:
-    modes = text.split(",")
+def _names(what: str, allowed: Callable[[], Sequence[str]]):
+    """argparse type for a comma-separated subset of `allowed()` (imported only when the option is used)."""
+    def parse(text: str) -> list[str]:
+        names, known = text.split(","), allowed()
+        unknown = set(names) - set(known)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {sorted(unknown)}: use {', '.join(known)}")
+        return names
+    return parse
+
+
+def _scaling_modes() -> Sequence[str]:
     from hvdtrain.bench.scaling import MODES
-
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {sorted(unknown)}: use {', '.join(MODES)}")
-    return modes
+    return MODES
 
 
-def _methods(text: str) -> list[str]:
+def _compression_methods() -> Sequence[str]:
     from hvdtrain.bench.compression import METHODS
+    return METHODS
 
-    methods = text.split(",")
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {sorted(unknown)}: use {', '.join(METHODS)}")
-    return methods
+
+_modes, _methods = _names("mode(s)", _scaling_modes), _names("method(s)", _compression_methods)
 
 
 def parser() -> argparse.ArgumentParser:
