@@ -104,6 +104,8 @@ class CompressionConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="top-k: steps over which the share sent falls from "
                               "warmup_ratio to ratio (DGC's sparsity warm-up); 0: ratio from the start")
     warmup_ratio: float = Field(0.25, gt=0, le=1, description="top-k: share sent at the first step of the warm-up")
+    momentum_correction: bool = Field(False, description="topk/shared_topk: DGC's momentum correction and "
+                                      "momentum factor masking; SGD momentum is then applied by the exchange")
     auto_trial_steps: int = Field(10, ge=2, description="auto: steps timed per candidate")
     auto_recheck_every: int = Field(500, ge=10, description="auto: steps between re-measurements")
 
@@ -124,6 +126,14 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     horovod: HorovodConfig = Field(default_factory=HorovodConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+
+    @model_validator(mode="after")
+    def _momentum_correction_needs_sgd_momentum(self) -> "Config":
+        if self.compression.momentum_correction and (self.compression.method not in ("topk", "shared_topk")
+                                                     or self.train.optimizer != "sgd" or not self.train.momentum):
+            raise ValueError("compression.momentum_correction: needs compression.method topk or shared_topk and "
+                             "train.optimizer sgd with momentum > 0")
+        return self
 
 
 def _describe(error: dict[str, Any]) -> str:

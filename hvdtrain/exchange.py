@@ -17,7 +17,10 @@ with Horovod's ops (hvdtrain.torch.exchange, hvdtrain.tf.exchange):
     against dense and kept only if it is not slower. All ranks agree on the times (their maximum), so
     they take the same decision.
 Top-k's share can start larger and fall geometrically to `ratio` over `warmup_steps` (DGC's sparsity
-warm-up), so the first, largest gradients are not mostly held back.
+warm-up), so the first, largest gradients are not mostly held back. With `momentum_correction` (DGC), the
+exchange applies SGD momentum itself and the optimizer runs without it: each rank accumulates velocity
+u <- mu u + g locally, error feedback and selection work on u, and sent entries are cleared from both
+residual and velocity (momentum factor masking); dense tensors get ordinary momentum on their average.
 """
 from __future__ import annotations
 
@@ -92,10 +95,14 @@ def worth_compressing(counts: Sequence[int], ks: Sequence[int], select_seconds: 
 
 
 class Exchange:
-    def __init__(self, large: list[tuple[int, int]], cfg: CompressionConfig, comm: Collectives):
+    def __init__(self, large: list[tuple[int, int]], cfg: CompressionConfig, comm: Collectives,
+                 total: int = 0, momentum: float = 0.0):
+        """`total`: the buffer's length; `momentum`: SGD's, applied here under momentum_correction."""
         self.cfg, self.comm, self.large = cfg, comm, large
         self.split = sum(n for _, n in large)  # buffer[:split] may be sparsified, the rest is dense
         self.residual = np.zeros(self.split, np.float32)
+        self.momentum = momentum if cfg.momentum_correction else 0.0
+        self.velocity = np.zeros(total if self.momentum else 0, np.float32)
         self.residual_pending = False  # error feedback holds gradient not yet sent
         self.select = TopK(seed=comm.rank)
         self.step, self.bytes_sent, self.stats_step = 0, 0, 0
@@ -108,6 +115,7 @@ class Exchange:
         """Average `buffer` (float32, laid out by `layout`) over all ranks, in place."""
         method = self.cfg.method
         if self.comm.size == 1:  # the average of one rank is its gradient: no Horovod cycle to wait for
+            self._accelerate(buffer, slice(None))
             self.count(0)
         elif method == "auto":
             self.count(self._auto(buffer))
@@ -168,7 +176,10 @@ class Exchange:
                 dense.append((offset, buffer[part]))
                 continue
             started = time.perf_counter()
-            v, i = select_with_feedback(self.residual[part], buffer[part], self._k(count), self.select)
+            gradient = self._accelerate(buffer, part)
+            v, i = select_with_feedback(self.residual[part], gradient, self._k(count), self.select)
+            if self.momentum:
+                self.velocity[part][i] = 0  # momentum factor masking
             self.select_seconds.append(time.perf_counter() - started)
             values.append(v)
             indices.append((i + offset).astype(np.int32))
@@ -188,10 +199,21 @@ class Exchange:
         np.add.at(buffer, all_indices, all_values)
         for part in sparse:
             buffer[part] /= self.comm.size
+        for offset, region in dense:
+            self._accelerate(buffer, slice(offset, offset + region.size))
         return values.nbytes + indices.nbytes + sum(region.nbytes for _, region in dense)
 
+    def _accelerate(self, buffer: np.ndarray, part: slice) -> np.ndarray:
+        """Momentum correction: u <- mu u + buffer; the buffer becomes u (unchanged without correction)."""
+        if self.momentum:
+            velocity = self.velocity[part]
+            velocity *= self.momentum
+            velocity += buffer[part]
+            buffer[part] = velocity
+        return buffer[part]
+
     def _shared_topk(self, buffer: np.ndarray) -> int:
-        self.residual += buffer[:self.split]
+        self.residual += self._accelerate(buffer, slice(0, self.split))
         leader = self.step % self.comm.size  # ScaleCom-style cyclic leader
         # A fixed-size index message (-1 pads it) spares broadcasting its length first: selection lands
         # within 10% above k, so every rank knows the size.
@@ -209,6 +231,9 @@ class Exchange:
         for handle in handles:
             self.comm.wait(handle)
         self.residual[indices] = 0
+        if self.momentum:
+            self.velocity[indices] = 0  # momentum factor masking
+            self._accelerate(buffer, slice(self.split, buffer.size))
         grads = buffer[:self.split]
         grads[:] = 0
         grads[indices] = values

@@ -68,9 +68,11 @@ CONFIG = str(REPO / "configs/digits-torch.yaml")
 SHORT = ["data.source=digits", "train.max_steps=40", "train.log_every=10", "compression.min_size=1000"]
 
 
-@pytest.mark.parametrize("method", ["fp16", "bf16", "topk", "shared_topk", "auto"])
+@pytest.mark.parametrize("method", ["fp16", "bf16", "topk", "shared_topk", "auto", "shared_topk+momentum"])
 def test_every_mode_keeps_ranks_identical_and_counts_bytes(method, tmp_path):
-    extra = ["compression.auto_trial_steps=3", "compression.auto_recheck_every=20"] if method == "auto" else []
+    extra = {"auto": ["compression.auto_trial_steps=3", "compression.auto_recheck_every=20"],
+             "shared_topk+momentum": ["compression.momentum_correction=true"]}.get(method, [])
+    method = method.split("+")[0]
     hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path), *SHORT, f"compression.method={method}",
              *extra, np=2, controller="gloo")
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -117,3 +119,42 @@ def test_auto_model_finds_the_link_and_compresses_only_where_it_pays():
     # 10 GB/s: the wire time saved (3 ms, 2 us) no longer pays for 4 ms and 0.1 ms of selection
     assert worth_compressing(counts, ks, [0.004, 0.0001], 2, 1e10) == [False, False]
     assert worth_compressing(counts, ks, [0.0, 0.0], 2, None) == [False, False]
+
+
+class TwinRanks:
+    """Collectives of two ranks that always hold the same data (so averages equal the local values)."""
+    rank, size = 0, 2
+
+    def allreduce_async(self, array, name):
+        return None
+
+    def allgather_async(self, array, name):
+        return np.concatenate([array, array])
+
+    def wait(self, handle):
+        return handle
+
+    def maximum(self, array, name):
+        return array
+
+
+def test_momentum_correction_accelerates_held_back_entries_and_masks_sent_ones():
+    from hvdtrain.config import CompressionConfig
+    from hvdtrain.exchange import Exchange
+
+    cfg = CompressionConfig(method="topk", ratio=0.01, min_size=100, momentum_correction=True)
+    mu, n, tail = 0.9, 1000, 10
+    exchange = Exchange([(0, n)], cfg, TwinRanks(), n + tail, momentum=mu)
+    gradient = np.full(n + tail, 1e-3, np.float32)
+    gradient[:10] = 1.0  # the k = 10 large entries: selected every step
+    velocity, held = 0.0, 0.0
+    for step in range(5):
+        buffer = gradient.copy()
+        exchange(buffer)
+        velocity = mu * velocity + 1e-3  # what an entry that is never sent accumulates
+        held += velocity
+        assert np.allclose(buffer[:10], 1.0)  # sent every step, so their velocity is masked each time
+        assert np.allclose(buffer[n:], velocity, rtol=1e-5)  # dense tensors: ordinary momentum
+        assert np.allclose(exchange.residual[10:], held, rtol=1e-5)  # held back: corrected momentum
+        assert np.allclose(buffer[10:n], 0)
+    assert not exchange.velocity[:10].any() and not exchange.residual[:10].any()

@@ -32,7 +32,9 @@ keras = tf.keras
 def _optimizer(cfg: Config):
     if cfg.train.optimizer == "adam":
         return keras.optimizers.Adam(learning_rate=cfg.train.lr)
-    return keras.optimizers.SGD(learning_rate=cfg.train.lr, momentum=cfg.train.momentum)
+    # under momentum correction the gradient exchange applies the momentum (hvdtrain.exchange)
+    momentum = 0.0 if cfg.compression.momentum_correction else cfg.train.momentum
+    return keras.optimizers.SGD(learning_rate=cfg.train.lr, momentum=momentum)
 
 
 class TensorFlowAdapter:
@@ -58,7 +60,8 @@ class TensorFlowAdapter:
             variables = self.model.trainable_variables
             order, large = exchange.layout([int(np.prod(v.shape)) for v in variables], cfg.compression)
             self.sparse_variables = [variables[i] for i in order]
-            self.sparse = exchange.Exchange(large, cfg.compression, HorovodCollectives())
+            self.sparse = exchange.Exchange(large, cfg.compression, HorovodCollectives(),
+                                            sum(int(np.prod(v.shape)) for v in variables), cfg.train.momentum)
             self._flat_gradients = tf.function(self._gradients, input_signature=signature)
             self._apply_flat = tf.function(self._apply, input_signature=[tf.TensorSpec((None,), tf.float32)])
 

@@ -66,7 +66,7 @@ class HorovodCollectives:
 
 
 class FlatExchange:
-    def __init__(self, model: torch.nn.Module, cfg: Optional[CompressionConfig] = None):
+    def __init__(self, model: torch.nn.Module, cfg: Optional[CompressionConfig] = None, momentum: float = 0.0):
         self.cfg = cfg or CompressionConfig()
         params = [p for p in model.parameters() if p.requires_grad]
         order, large = exchange.layout([p.numel() for p in params], self.cfg)
@@ -78,7 +78,7 @@ class FlatExchange:
             p.grad = view
             self.views.append(view)
             offset += p.numel()
-        self.core = exchange.Exchange(large, self.cfg, HorovodCollectives())
+        self.core = exchange.Exchange(large, self.cfg, HorovodCollectives(), self.buffer.numel(), momentum)
 
     def zero_grad(self) -> None:
         self.buffer.zero_()

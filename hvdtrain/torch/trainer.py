@@ -25,7 +25,9 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    # under momentum correction the gradient exchange applies the momentum (hvdtrain.exchange)
+    momentum = 0.0 if cfg.compression.momentum_correction else t.momentum
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=momentum, weight_decay=t.weight_decay)
 
 
 class TorchAdapter:
@@ -44,7 +46,7 @@ class TorchAdapter:
             self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.model.named_parameters(),
                                                       compression=compression)
         else:
-            self.flat = FlatExchange(self.model, cfg.compression)
+            self.flat = FlatExchange(self.model, cfg.compression, cfg.train.momentum)
 
     # collectives -------------------------------------------------------------------------------
     def sum(self, values: list[float], name: str) -> list[float]:
