@@ -16,7 +16,17 @@ from typing import Sequence
 
 import numpy as np
 
-VALUE_BYTES, INDEX_BYTES = 4, 4
+VALUE_BYTES, INDEX_BYTES = 4, 4  # float32 values, int32 indices
+
+
+def ring_volume(nbytes: float, ranks: int) -> float:
+    """Bytes each rank sends in a ring allreduce of `nbytes`."""
+    return 2 * (ranks - 1) / ranks * nbytes
+
+
+def topk_volume(k: int, ranks: int) -> float:
+    """Bytes each rank receives in the allgather of k values and k indices from every other rank."""
+    return (ranks - 1) * k * (VALUE_BYTES + INDEX_BYTES)
 
 
 @dataclass(frozen=True)
@@ -37,7 +47,7 @@ class Link:
     def ring_allreduce(self, nbytes: float, ranks: int) -> float:
         if ranks == 1:
             return 0.0
-        return 2 * (ranks - 1) * self.alpha + 2 * (ranks - 1) / ranks * nbytes / self.beta
+        return 2 * (ranks - 1) * self.alpha + ring_volume(nbytes, ranks) / self.beta
 
     def broadcast(self, nbytes: float, ranks: int) -> float:
         """Pipelined broadcast: a latency per tree level and the message about once over a link."""
@@ -48,7 +58,7 @@ class Link:
     def topk_allgather(self, k: int, ranks: int) -> float:
         if ranks == 1:
             return 0.0
-        return (ranks - 1) * self.alpha + (ranks - 1) * k * (VALUE_BYTES + INDEX_BYTES) / self.beta
+        return (ranks - 1) * self.alpha + topk_volume(k, ranks) / self.beta
 
     def shared_topk(self, k: int, ranks: int) -> float:
         return self.broadcast(k * INDEX_BYTES, ranks) + self.ring_allreduce(k * VALUE_BYTES, ranks)

@@ -29,11 +29,11 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
-from hvdtrain.config import CompressionConfig
+from hvdtrain.config import Config, CompressionConfig
+from hvdtrain.costmodel import VALUE_BYTES, ring_volume, topk_volume
 from hvdtrain.topk import TopK, select_with_feedback
 
 SPARSE_METHODS = ("topk", "shared_topk", "auto")
-INDEX_BYTES = 4  # indices travel as int32
 
 
 class Collectives(Protocol):
@@ -67,6 +67,11 @@ def layout(sizes: Sequence[int], cfg: CompressionConfig) -> tuple[list[int], lis
     return order, large
 
 
+def optimizer_momentum(cfg: Config) -> float:
+    """The optimizer's SGD momentum: none under momentum correction, where the exchange applies it."""
+    return 0.0 if cfg.compression.momentum_correction else cfg.train.momentum
+
+
 def density(cfg: CompressionConfig, step: int) -> float:
     """Share of each tensor sent at `step`: from warmup_ratio down to ratio, geometrically, over warmup_steps."""
     if step >= cfg.warmup_steps or cfg.warmup_ratio <= cfg.ratio:
@@ -85,12 +90,11 @@ def link_bandwidth(dense_seconds: float, dense_volume: float, sparse_seconds: fl
 
 def worth_compressing(counts: Sequence[int], ks: Sequence[int], select_seconds: Sequence[float], ranks: int,
                       bandwidth: Optional[float]) -> list[bool]:
-    """Per tensor: does the wire time top-k saves (ring allreduce of 4n bytes vs allgather of k values and
+    """Per tensor: does the wire time top-k saves (ring allreduce of n values vs allgather of k values and
     indices) exceed the time spent selecting?"""
     if bandwidth is None or ranks < 2:
         return [False] * len(counts)
-    ring = 2 * (ranks - 1) / ranks
-    return [(ring * 4 * n - (ranks - 1) * (4 + INDEX_BYTES) * k) / bandwidth > seconds
+    return [(ring_volume(VALUE_BYTES * n, ranks) - topk_volume(k, ranks)) / bandwidth > seconds
             for n, k, seconds in zip(counts, ks, select_seconds)]
 
 
@@ -107,7 +111,7 @@ class Exchange:
         self.select = TopK(seed=comm.rank)
         self.step, self.bytes_sent, self.stats_step = 0, 0, 0
         self.active = [True] * len(large)  # the large tensors top-k sparsifies (auto may turn some off)
-        self.select_seconds, self.comm_seconds = [], 0.0  # of the last top-k step
+        self.select_seconds, self.comm_seconds = [], 0.0  # of the last top-k step (auto's measurements)
         self.auto_choice, self.auto_pending, self.auto_record = None, False, {}
         self.auto_trials: dict[str, list] = {}
 
@@ -142,7 +146,9 @@ class Exchange:
             return self._topk(buffer)
         if method == "shared_topk":
             return self._shared_topk(buffer)
-        self._flush_residual(buffer)
+        if self.residual_pending:
+            self._flush_residual(buffer)
+            self.residual_pending = False
         return self._dense(buffer)
 
     def _dense_async(self, region: np.ndarray, offset: int) -> list:
@@ -153,12 +159,11 @@ class Exchange:
             self.comm.wait(handle)
         return region.nbytes
 
-    def _flush_residual(self, buffer: np.ndarray) -> None:
-        """Back to dense exchange: what error feedback held back is sent now, not lost."""
-        if self.residual_pending:
-            buffer[:self.split] += self.residual
-            self.residual[:] = 0
-            self.residual_pending = False
+    def _flush_residual(self, buffer: np.ndarray, part: slice = slice(None)) -> None:
+        """Back to dense exchange (for `part` of the sparsified region, or all of it): what error feedback
+        held back is sent now, not lost."""
+        buffer[:self.split][part] += self.residual[part]
+        self.residual[part] = 0
 
     def _k(self, count: int) -> int:
         return max(1, int(count * density(self.cfg, self.step)))
@@ -170,9 +175,8 @@ class Exchange:
         values, indices, dense, self.select_seconds = [], [], [(self.split, buffer[self.split:])], []
         for (offset, count), active in zip(self.large, self.active):
             part = slice(offset, offset + count)
-            if not active:  # sent dense from now on: what error feedback held back goes with it
-                buffer[part] += self.residual[part]
-                self.residual[part] = 0
+            if not active:
+                self._flush_residual(buffer, part)
                 dense.append((offset, buffer[part]))
                 continue
             started = time.perf_counter()
@@ -274,10 +278,8 @@ class Exchange:
         dense_seconds, sparse_comm, topk_seconds, select = agreed[0], agreed[1], agreed[2], agreed[3:]
         counts = [n for _, n in self.large]
         ks = [self._k(n) for n in counts]
-        ring = 2 * (ranks - 1) / ranks
-        tail = buffer[self.split:].nbytes
-        bandwidth = link_bandwidth(dense_seconds, ring * buffer.nbytes, sparse_comm,
-                                   (ranks - 1) * (4 + INDEX_BYTES) * sum(ks) + ring * tail)
+        bandwidth = link_bandwidth(dense_seconds, ring_volume(buffer.nbytes, ranks), sparse_comm,
+                                   topk_volume(sum(ks), ranks) + ring_volume(buffer[self.split:].nbytes, ranks))
         self.active = worth_compressing(counts, ks, select, ranks, bandwidth)
         self.auto_record = {"auto_seconds": {"none": float(dense_seconds), "topk": float(topk_seconds)},
                             "auto_link_bytes_per_s": bandwidth,

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from contextlib import nullcontext
 from typing import Callable
 
 from hvdtrain.bench import links
@@ -38,6 +37,10 @@ def _time(op: Callable[[], None], nbytes: int, barrier: Callable[[], None]) -> f
         op()
         samples.append(time.perf_counter() - started)
     return statistics.median(samples)
+
+
+def _result_name(impl: str, ranks: int, link: str) -> str:
+    return f"allreduce-{impl}-np{ranks}" + ("" if link == "loopback" else f"-{link}") + ".json"
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -84,8 +87,7 @@ def worker(args: argparse.Namespace) -> None:
                      "alg_gb_s": nbytes / seconds / 1e9, "memcpy_gb_s": nbytes / memcpy / 1e9})
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.link == "loopback" else f"-{args.link}"
-        (Path(args.out) / f"allreduce-{impl}-np{size}{suffix}.json").write_text(
+        (Path(args.out) / _result_name(impl, size, args.link)).write_text(
             json.dumps({"impl": impl, "ranks": size, "link": args.link, "rows": rows}, indent=2))
     if impl == "torch-gloo":
         torch.distributed.destroy_process_group()
@@ -117,8 +119,7 @@ def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} over {link} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        suffix = "" if link == "loopback" else f"-{link}"
-        results.append(json.loads((out / f"allreduce-{impl}-np{args.np}{suffix}.json").read_text()))
+        results.append(json.loads((out / _result_name(impl, args.np, link)).read_text()))
     return results
 
 
@@ -127,7 +128,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     every = []
     for link in args.links:
-        with nullcontext() if link == "loopback" else links.capped(link):
+        with links.network(link):
             results = _run_link(link, args, out, env)
         every += results
         print(f"{link}: {'MB':>8s} " + " ".join(f"{r['impl']:>13s}" for r in results) + "   memcpy   (bus GB/s)")

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,6 @@ from hvdtrain.bench import links
 from hvdtrain.io import write_json
 from hvdtrain.topk import TopK
 
-EXTRA: list[str] = []
 METHODS = ("none", "fp16", "bf16", "topk", "shared_topk", "auto")
 # Communication-heavy: an MLP of 4.3 M parameters on the digits (8x8) computes a step in tens of
 # milliseconds; 8 epochs (360 steps at 2 x 16) so accuracy compares modes after the same steps.
@@ -60,7 +58,7 @@ def _train(command_prefix: list[str], method: str, scratch: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     bin_dir = Path(sys.executable).parent
     command = [*command_prefix, str(bin_dir / "hvdtrain"), "train", "--run-dir", str(run_dir),
-               f"compression.method={method}", *TRAIN, *EXTRA]
+               f"compression.method={method}", *TRAIN]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"{method}: {' '.join(command[:6])} ... failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -83,12 +81,11 @@ def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METH
     with tempfile.TemporaryDirectory() as scratch:
         for link in link_names:
             if link == "loopback":
-                prefix, network = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS)], nullcontext()
+                prefix = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS)]
             else:
                 prefix = links.mpirun_in_namespaces(RANKS, ("HOROVOD_CYCLE_TIME", "TF_CPP_MIN_LOG_LEVEL"))
-                network = links.capped(link)
             rows = []
-            with network:
+            with links.network(link):
                 for method in dict.fromkeys(("none", *methods)):  # none is every link's baseline
                     print(f"bench compression: {link} {method} ...", flush=True)
                     rows.append(_train(prefix, method, Path(scratch)))

@@ -23,6 +23,11 @@ def mpirun_in_namespaces(ranks: int, exports: tuple[str, ...] = ()) -> list[str]
     return [*command, "bash", str(HOSTS), "pin"]
 
 
+def network(link: str) -> contextlib.AbstractContextManager:
+    """The network a benchmark link needs: nothing for loopback, else the capped namespace hosts."""
+    return contextlib.nullcontext() if link == "loopback" else capped(link)
+
+
 @contextlib.contextmanager
 def capped(rate: str) -> Iterator[None]:
     """The two namespace hosts with each veth capped at `rate` (like 1gbit), removed afterwards."""

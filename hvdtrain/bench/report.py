@@ -93,9 +93,12 @@ def _bandwidth_plot(allreduce: list[dict], out: Path) -> str:
     return "allreduce.png"
 
 
+def _link(allreduce: dict) -> str:
+    return allreduce.get("link", "loopback")  # results written before links were recorded: loopback
+
+
 def _name(allreduce: dict) -> str:
-    link = allreduce.get("link", "loopback")
-    return allreduce["impl"] if link == "loopback" else f"{allreduce['impl']} over {link}"
+    return allreduce["impl"] if _link(allreduce) == "loopback" else f"{allreduce['impl']} over {_link(allreduce)}"
 
 
 def _calibrate(allreduce: list[dict]) -> Link | None:
@@ -169,7 +172,7 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
         md += ["", "![throughput and efficiency](scaling.png)", "", "![comparison](comparison.png)", ""]
     if allreduce_files:
         allreduce = sorted((json.loads(p.read_text()) for p in allreduce_files),
-                           key=lambda a: (a.get("link", "loopback") != "loopback", a.get("link", ""), a["impl"]))
+                           key=lambda a: (_link(a) != "loopback", _link(a), a["impl"]))
         report["allreduce"] = allreduce
         md += ["## Allreduce bus bandwidth (GB/s)", "",
                "| MiB | " + " | ".join(_name(a) for a in allreduce) + " | memcpy |",
@@ -179,8 +182,9 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
                 f"{(a['rows'][i]['bus_gb_s'] or a['rows'][i]['alg_gb_s']):.2f}" for a in allreduce)
                 + f" | {row['memcpy_gb_s']:.2f} |")
         md.append("")
-        for link_name in dict.fromkeys(a.get("link", "loopback") for a in allreduce):
-            largest = {a["impl"]: a["rows"][-1] for a in allreduce if a.get("link", "loopback") == link_name}
+        links = list(dict.fromkeys(_link(a) for a in allreduce))
+        for link_name in links:
+            largest = {a["impl"]: a["rows"][-1] for a in allreduce if _link(a) == link_name}
             if "mpi4py" in largest and largest["mpi4py"]["bus_gb_s"]:
                 md += [f"- {largest['mpi4py']['bytes'] / 2**20:g} MiB over {link_name}: " + ", ".join(
                     f"{impl} {row['bus_gb_s'] / largest['mpi4py']['bus_gb_s']:.2f}x" for impl, row in largest.items()
@@ -192,8 +196,8 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
             gradient_bytes = horovod_rows[0]["params"] * 4
             compute_s = horovod_rows[0]["forward_backward_ms"] / 1e3
             report["projection"] = {"gradient_bytes": gradient_bytes, "compute_s": compute_s, "links": {}}
-            for link_name in dict.fromkeys(a.get("link", "loopback") for a in allreduce):
-                on_link = [a for a in allreduce if a.get("link", "loopback") == link_name and a["ranks"] > 1]
+            for link_name in links:
+                on_link = [a for a in allreduce if _link(a) == link_name and a["ranks"] > 1]
                 link = _calibrate(on_link)
                 if link is None:
                     continue

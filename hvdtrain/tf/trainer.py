@@ -32,9 +32,16 @@ keras = tf.keras
 def _optimizer(cfg: Config):
     if cfg.train.optimizer == "adam":
         return keras.optimizers.Adam(learning_rate=cfg.train.lr)
-    # under momentum correction the gradient exchange applies the momentum (hvdtrain.exchange)
-    momentum = 0.0 if cfg.compression.momentum_correction else cfg.train.momentum
-    return keras.optimizers.SGD(learning_rate=cfg.train.lr, momentum=momentum)
+    return keras.optimizers.SGD(learning_rate=cfg.train.lr, momentum=exchange.optimizer_momentum(cfg))
+
+
+def _flatten(grads):
+    return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+
+def _unflatten(flat, variables) -> list:
+    parts = tf.split(flat, [v.shape.num_elements() for v in variables])
+    return [tf.reshape(part, v.shape) for part, v in zip(parts, variables)]
 
 
 class TensorFlowAdapter:
@@ -57,11 +64,11 @@ class TensorFlowAdapter:
         self._step = tf.function(self._train_step, input_signature=signature)
         self.sparse = None
         if cfg.compression.method in exchange.SPARSE_METHODS:  # gradients leave the graph for NumPy
-            variables = self.model.trainable_variables
-            order, large = exchange.layout([int(np.prod(v.shape)) for v in variables], cfg.compression)
-            self.sparse_variables = [variables[i] for i in order]
-            self.sparse = exchange.Exchange(large, cfg.compression, HorovodCollectives(),
-                                            sum(int(np.prod(v.shape)) for v in variables), cfg.train.momentum)
+            sizes = [v.shape.num_elements() for v in self.model.trainable_variables]
+            order, large = exchange.layout(sizes, cfg.compression)
+            self.sparse_variables = [self.model.trainable_variables[i] for i in order]
+            self.sparse = exchange.Exchange(large, cfg.compression, HorovodCollectives(), sum(sizes),
+                                            cfg.train.momentum)
             self._flat_gradients = tf.function(self._gradients, input_signature=signature)
             self._apply_flat = tf.function(self._apply, input_signature=[tf.TensorSpec((None,), tf.float32)])
 
@@ -75,15 +82,13 @@ class TensorFlowAdapter:
         elif self.size == 1:  # the average of one rank is its gradient: no Horovod cycle to wait for
             grads = tape.gradient(loss, variables)
         else:
-            grads = tape.gradient(loss, variables)
-            flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+            flat = _flatten(tape.gradient(loss, variables))
             if self.half is None:
                 flat = hvd.allreduce(flat, op=hvd.Average, name="flat_gradients")
             else:  # sum in half precision, average in float32 (as the PyTorch adapter does)
                 summed = hvd.allreduce(tf.cast(flat, self.half), op=hvd.Sum, name="flat_gradients.half")
                 flat = tf.cast(summed, tf.float32) / self.size
-            grads = [tf.reshape(part, v.shape) for part, v in
-                     zip(tf.split(flat, [int(np.prod(v.shape)) for v in variables]), variables)]
+            grads = _unflatten(flat, variables)
         self._update(grads, variables)
         return loss
 
@@ -97,13 +102,10 @@ class TensorFlowAdapter:
         """Sparse exchanges: the loss and this rank's gradients, flat in the exchange's layout."""
         with tf.GradientTape() as tape:
             loss = self.loss(y, self.model(x, training=True))
-        grads = tape.gradient(loss, self.sparse_variables)
-        return loss, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+        return loss, _flatten(tape.gradient(loss, self.sparse_variables))
 
     def _apply(self, flat):
-        variables = self.sparse_variables
-        parts = tf.split(flat, [int(np.prod(v.shape)) for v in variables])
-        self._update([tf.reshape(part, v.shape) for part, v in zip(parts, variables)], variables)
+        self._update(_unflatten(flat, self.sparse_variables), self.sparse_variables)
 
     # collectives -------------------------------------------------------------------------------
     def sum(self, values: list[float], name: str) -> list[float]:
@@ -169,7 +171,7 @@ class TensorFlowAdapter:
         if self.sparse is not None:
             return self.sparse.stats()
         # dense exchanges send every gradient each step (none on one rank), in half precision for fp16/bf16
-        words = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables) if self.size > 1 else 0
+        words = sum(v.shape.num_elements() for v in self.model.trainable_variables) if self.size > 1 else 0
         return {"bytes_per_step": words * (2 if self.half is not None else 4), "compression": self.cfg.compression.method}
 
     def versions(self) -> dict:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import horovod
 import horovod.torch as hvd
 
-from hvdtrain import loop, runtime
+from hvdtrain import exchange, loop, runtime
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
 from hvdtrain.io import atomic_open
@@ -25,9 +25,8 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    # under momentum correction the gradient exchange applies the momentum (hvdtrain.exchange)
-    momentum = 0.0 if cfg.compression.momentum_correction else t.momentum
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=momentum, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=exchange.optimizer_momentum(cfg),
+                           weight_decay=t.weight_decay)
 
 
 class TorchAdapter:
