@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from hvdtrain.bench import links
+from hvdtrain.bench import end_torch_distributed, links
 
 IMPLEMENTATIONS = ("horovod-mpi", "horovod-gloo", "mpi4py", "torch-gloo")
 DEFAULT_SIZES_MB = (0.004, 0.064, 0.25, 1, 4, 16, 64, 100)
@@ -90,7 +90,7 @@ def worker(args: argparse.Namespace) -> None:
         (Path(args.out) / _result_name(impl, size, args.link)).write_text(
             json.dumps({"impl": impl, "ranks": size, "link": args.link, "rows": rows}, indent=2))
     if impl == "torch-gloo":
-        torch.distributed.destroy_process_group()
+        end_torch_distributed()
 
 
 def _command(impl: str, np: int, module: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdtrain import runtime
+from hvdtrain.bench import end_torch_distributed
 from hvdtrain.config import HorovodConfig
 
 # horovod: hvdtrain's path (its tuned settings and gradient exchange); horovod-default: Horovod's own
@@ -105,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
     with open(Path(args.out) / f"{args.mode}-np{size}-rep{args.repeat}-rank{rank}.json", "w") as handle:
         json.dump(result, handle)
     if args.mode == "ddp" and size > 1:
-        torch.distributed.destroy_process_group()
+        end_torch_distributed()
 
 
 def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline: Path | None = None) -> None:
