@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from hvdtrain.errors import ConfigError
-from hvdtrain.io import file_sha256, write_text
+from hvdtrain.atomic import file_sha256, write_text
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.(pt|npz)$")
 

@@ -23,7 +23,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from hvdtrain.errors import ConfigError, UserError
-from hvdtrain.io import write_text
+from hvdtrain.atomic import write_text
 
 RELAY_GRACE_S = 2.0   # a failing rank waits this long for rank 0's watcher to print its line
 POLL_S = 0.2

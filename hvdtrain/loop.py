@@ -23,7 +23,7 @@ from hvdtrain import checkpoints
 from hvdtrain.config import Config, to_yaml
 from hvdtrain.errors import ConfigError, UserError
 from hvdtrain.faults import FaultInjector
-from hvdtrain.io import JsonlLog, write_json, write_text
+from hvdtrain.atomic import JsonlLog, write_json, write_text
 from hvdtrain.schedule import learning_rate
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hvdtrain.bench import links
-from hvdtrain.io import write_json
+from hvdtrain.atomic import write_json
 from hvdtrain.topk import TopK
 
 METHODS = ("none", "fp16", "bf16", "topk", "shared_topk", "auto")

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hvdtrain.io import write_json
+from hvdtrain.atomic import write_json
 
 
 def run(np_list: list[int], overrides: list[str], out: Path | None) -> dict:

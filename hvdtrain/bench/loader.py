@@ -16,7 +16,7 @@ import numpy as np
 
 from hvdtrain.config import DataConfig
 from hvdtrain.data import Dataset
-from hvdtrain.io import write_json
+from hvdtrain.atomic import write_json
 from hvdtrain.shards import writer
 from hvdtrain.shards.index import INDEX_NAME, open_set
 

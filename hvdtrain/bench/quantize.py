@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hvdtrain.io import write_json
+from hvdtrain.atomic import write_json
 
 
 def _run(command: list[str]) -> None:

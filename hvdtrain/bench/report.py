@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from hvdtrain.costmodel import Link, project  # noqa: E402
 from hvdtrain.errors import ConfigError  # noqa: E402
-from hvdtrain.io import write_json, write_text  # noqa: E402
+from hvdtrain.atomic import write_json, write_text  # noqa: E402
 
 PROJECTED_RANKS = [2, 8, 16, 32, 64, 128, 256, 512]
 LABELS = {"horovod": "hvdtrain (Horovod, tuned)", "horovod-default": "Horovod defaults",

@@ -13,7 +13,7 @@ from hvdtrain import checkpoints
 from hvdtrain.config import Config, load
 from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError
-from hvdtrain.io import write_json, write_text
+from hvdtrain.atomic import write_json, write_text
 
 
 @dataclass

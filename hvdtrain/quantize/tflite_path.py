@@ -10,7 +10,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from hvdtrain.errors import ConfigError
-from hvdtrain.io import atomic_open
+from hvdtrain.atomic import atomic_open
 
 
 def load_model(run_dir: Path):

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from hvdtrain.errors import ConfigError
-from hvdtrain.io import file_sha256
+from hvdtrain.atomic import file_sha256
 
 INDEX_NAME = "index.json"
 FORMAT = "hvdtrain-shards/1"

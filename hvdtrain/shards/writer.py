@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from hvdtrain.errors import ConfigError
-from hvdtrain.io import file_sha256, write_json
+from hvdtrain.atomic import file_sha256, write_json
 from hvdtrain.shards.index import FORMAT, INDEX_NAME, Shard, ShardSet
 
 CHUNK_BYTES = 1 << 20  # default chunk: about 1 MiB of samples

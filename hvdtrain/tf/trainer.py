@@ -21,7 +21,7 @@ from hvdtrain import exchange, loop, runtime
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError
-from hvdtrain.io import atomic_open
+from hvdtrain.atomic import atomic_open, atomic_path
 from hvdtrain.tf.data import train_dataset
 from hvdtrain.tf.exchange import HorovodCollectives
 from hvdtrain.tf.models import build
@@ -179,10 +179,8 @@ class TensorFlowAdapter:
 
     def export(self, run_dir: Path) -> None:
         """The trained model for `hvdtrain quantize` (rank 0), written atomically."""
-        target = run_dir / "model.keras"
-        tmp = run_dir / ".model.tmp.keras"
-        self.model.save(tmp)
-        tmp.replace(target)
+        with atomic_path(run_dir / "model.keras", suffix=".keras") as tmp:
+            self.model.save(tmp)
 
 
 def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from hvdtrain import checkpoints, runtime
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError
-from hvdtrain.io import JsonlLog, write_json
+from hvdtrain.atomic import JsonlLog, write_json
 from hvdtrain.loop import StopRequest, prepare_run_dir
 from hvdtrain.schedule import learning_rate
 

@@ -15,7 +15,7 @@ import horovod.torch as hvd
 from hvdtrain import exchange, loop, runtime
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
-from hvdtrain.io import atomic_open
+from hvdtrain.atomic import atomic_open
 from hvdtrain.torch.data import train_batches
 from hvdtrain.torch.exchange import COMPRESSORS, FlatExchange
 from hvdtrain.torch.models import build

@@ -1,4 +1,9 @@
-"""Atomic file output: a crash or SIGKILL leaves either the old file or the new one, never half of one."""
+"""Atomic file output: a crash or SIGKILL leaves either the old file or the new one, never half of one.
+
+The one place that writes files durably: `atomic_open` for data written through a file object,
+`atomic_path` for libraries that write by file name (h5py, Keras), both as temporary file, fsync, rename,
+directory fsync.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +33,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path` for a library to write to by name; on success it is fsynced and
+    renamed over `path`. `suffix`: an extension the library insists on (Keras wants `.keras`)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    os.unlink(tmp)  # the library creates the file itself (h5py refuses some existing files)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
