@@ -3,6 +3,10 @@
 Each checkpoint is written atomically and followed by a `.sha256` file. A checkpoint whose digest is
 missing or wrong (a crash between the two writes, a damaged disk) is skipped on resume in favour of the
 previous one, with a warning.
+
+State that differs between ranks (top-k's error-feedback residual, corrected momentum) is written by each
+rank beside the checkpoint, `ckpt-STEP.rank-R.npz`, before rank 0 writes and seals the checkpoint itself.
+Per-rank files keep the checkpoint's size independent of the number of ranks.
 """
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from hvdtrain.errors import ConfigError
-from hvdtrain.atomic import file_sha256, write_text
+import numpy as np
+
+from hvdtrain.atomic import atomic_open, file_sha256, write_text
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.(pt|npz)$")
 
@@ -79,7 +85,30 @@ def candidates(run_dir: Path, resume: str) -> list[Path]:
     return [path]
 
 
+def _rank_state_file(checkpoint: Path, rank: int) -> Path:
+    step = _NAME.match(checkpoint.name).group(1)
+    return checkpoint.with_name(f"ckpt-{step}.rank-{rank:05d}.npz")
+
+
+def write_rank_state(checkpoint: Path, rank: int, state: dict[str, np.ndarray]) -> None:
+    """This rank's own state for `checkpoint` (written before it), atomically."""
+    with atomic_open(_rank_state_file(checkpoint, rank), "wb") as handle:
+        np.savez(handle, **state)
+
+
+def read_rank_state(checkpoint: Path, rank: int) -> Optional[dict[str, np.ndarray]]:
+    """This rank's state saved with `checkpoint`, or None when there is none (or it cannot be read)."""
+    path = _rank_state_file(checkpoint, rank)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return {key: saved[key] for key in saved.files}
+    except (OSError, ValueError):
+        return None
+
+
 def prune(run_dir: Path, keep: int) -> None:
     for old in existing(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
         _digest_file(old).unlink(missing_ok=True)
+        for rank_state in old.parent.glob(_rank_state_file(old, 0).name.replace("00000", "*")):
+            rank_state.unlink(missing_ok=True)

@@ -10,28 +10,21 @@ from hvdtrain.errors import UserError
 
 
 def _rank_prefix() -> str:
-    from hvdtrain.faults import launcher_rank
+    from hvdtrain.world import world
 
-    rank = launcher_rank()
-    return "" if rank is None else f"rank {rank}: "
+    return f"rank {world.rank}: " if world.launched else ""
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hvdtrain import config, data, faults
+    from hvdtrain import config, data, faults, runtime
+    from hvdtrain.world import world
 
     cfg = config.load(args.config, args.overrides)
     dataset = data.Dataset(cfg.data, cfg.seed)
-    if cfg.framework == "tensorflow":
-        from hvdtrain.tf import require_tf_keras
-
-        require_tf_keras()
-        from hvdtrain.tf.trainer import train
-    else:
-        from hvdtrain.torch.trainer import train
-
-    with faults.FailureRelay(Path(args.run_dir), faults.launcher_rank() or 0, faults.launcher_size()):
+    train = runtime.framework_trainer(cfg.framework)
+    with faults.FailureRelay(Path(args.run_dir)):
         summary = train(cfg, dataset, Path(args.run_dir), args.resume)
-    if _rank_prefix() in ("", "rank 0: "):
+    if world.is_root:
         final = summary["final"]
         print(f"run directory: {Path(args.run_dir).resolve()}  "
               f"test_accuracy {final.get('test_accuracy', float('nan')):.4f}")
@@ -63,14 +56,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _data_shard(args: argparse.Namespace) -> int:
     from hvdtrain.shards import writer
+    from hvdtrain.sources import open_source
 
-    splits = writer.sources(args.source, args.test_fraction, args.seed, args.synthetic_shape,
-                            args.synthetic_classes, args.synthetic_count)
-    compression = None if args.compression == "none" else args.compression
-    for split, source in splits.items():
-        shard_set = writer.write_set(source, Path(args.out) / split, args.shards if split == "train"
-                                     else max(1, min(args.shards, source.count)), split,
-                                     args.chunk_samples, compression)
+    splits = open_source(args.source, args.test_fraction, args.seed, args.synthetic_shape, args.synthetic_classes,
+                         args.synthetic_count, origin="--source")
+    written = writer.write_splits(splits, Path(args.out), args.shards, args.chunk_samples,
+                                  None if args.compression == "none" else args.compression)
+    for split, shard_set in written.items():
         if shard_set is not None:
             print(f"wrote {Path(args.out) / split}: {shard_set.total} samples in {len(shard_set.shards)} shards")
     return 0
@@ -133,7 +125,7 @@ def _bench_frameworks(args: argparse.Namespace) -> int:
 def _bench_quantize(args: argparse.Namespace) -> int:
     from hvdtrain.bench import quantize
 
-    quantize.run(Path(args.out) if args.out else None, Path(__file__).resolve().parents[1])
+    quantize.run(Path(args.out) if args.out else None)
     return 0
 
 
@@ -174,8 +166,8 @@ def _scaling_modes() -> Sequence[str]:
 
 
 def _compression_methods() -> Sequence[str]:
-    from hvdtrain.bench.compression import METHODS
-    return METHODS
+    from hvdtrain.config import choices
+    return choices("compression.method")
 
 
 _modes, _methods = _names("mode(s)", _scaling_modes), _names("method(s)", _compression_methods)
@@ -215,9 +207,11 @@ def parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     shard = data_sub.add_parser("shard", help="write train/ and test/ shard sets from a source")
     shard.add_argument("--source", required=True,
-                       help="digits, synthetic, npz:PATH (arrays x, y) or a directory of x.npy/y.npy pairs")
+                       help="digits, synthetic, npz:PATH (arrays x, y), or npy:DIR or DIR: a directory of "
+                            "x.npy/y.npy or NAME_x.npy/NAME_y.npy pairs (the in-memory sources training reads)")
     shard.add_argument("--out", required=True, help="output directory (gets train/ and test/)")
-    shard.add_argument("--shards", type=int, default=4, help="shards in the train set")
+    shard.add_argument("--shards", type=int, default=4,
+                       help="shards in the train set (the test set gets as many, at most one per sample)")
     shard.add_argument("--chunk-samples", type=int, help="samples per HDF5 chunk (default: about 1 MiB)")
     shard.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
     shard.add_argument("--test-fraction", type=float, default=0.2)

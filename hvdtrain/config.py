@@ -5,7 +5,7 @@ Every validation failure becomes one ConfigError line naming the file and the do
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,7 +25,8 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     # digits: scikit-learn's 8x8 digits, in memory; synthetic: random images for benchmarks;
-    # npz:PATH: a user's arrays `x` (N, ...) and `y` (N,); hdf5: shard sets or users' HDF5 files
+    # npz:PATH: a user's arrays `x` (N, ...) and `y` (N,); npy:DIR: a directory of x.npy/y.npy or
+    # NAME_x.npy/NAME_y.npy pairs; hdf5: shard sets or users' HDF5 files
     source: str = "digits"
     test_fraction: float = Field(0.2, gt=0, lt=1)
     synthetic_samples: int = Field(2048, gt=0)
@@ -47,8 +48,9 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _known_source(self) -> "DataConfig":
-        if self.source not in ("digits", "synthetic", "hdf5") and not self.source.startswith("npz:"):
-            raise ValueError(f"source: unknown data source {self.source!r} (digits, synthetic, npz:PATH, hdf5)")
+        if self.source not in ("digits", "synthetic", "hdf5") and not self.source.startswith(("npz:", "npy:")):
+            raise ValueError(f"source: unknown data source {self.source!r} (digits, synthetic, npz:PATH, "
+                             "npy:DIR, hdf5)")
         if self.source == "hdf5" and (not self.train or not self.test):
             raise ValueError("train: data.source hdf5 needs data.train and data.test (shard sets or HDF5 files)")
         return self
@@ -128,12 +130,28 @@ class Config(_Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
     @model_validator(mode="after")
+    def _overlap_sends_what_horovod_allreduces(self) -> "Config":
+        method = self.compression.method
+        if self.horovod.gradient_exchange == "overlap" and method in ("topk", "shared_topk", "auto", "bf16"):
+            why = ("Horovod 0.28.1 allreduces no bfloat16 tensors" if method == "bf16" else
+                   "sparse methods work on the flat gradient buffer")
+            raise ValueError(f"horovod.gradient_exchange: overlap cannot run compression.method {method} ({why}); "
+                             "use gradient_exchange flat or auto" + (", or fp16" if method == "bf16" else ""))
+        return self
+
+    @model_validator(mode="after")
     def _momentum_correction_needs_sgd_momentum(self) -> "Config":
         if self.compression.momentum_correction and (self.compression.method not in ("topk", "shared_topk")
                                                      or self.train.optimizer != "sgd" or not self.train.momentum):
             raise ValueError("compression.momentum_correction: needs compression.method topk or shared_topk and "
                              "train.optimizer sgd with momentum > 0")
         return self
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The names a Literal-typed key accepts, e.g. choices("compression.method"): one list, the config's."""
+    section, field_name = key.split(".")
+    return get_args(Config.model_fields[section].annotation.model_fields[field_name].annotation)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -1,5 +1,7 @@
 """Training data for one rank: in-memory arrays or HDF5 shard sets (framework-free, no MPI).
 
+In-memory sources (digits, synthetic, npz) come from hvdtrain.sources, as `hvdtrain data shard` does.
+
 The in-memory plan (BatchPlan) makes data-parallel training equal to single-process training with the global batch:
 each epoch draws one seeded permutation; global batch s is a contiguous slice of it and rank r
 takes the r-th per-rank slice of that global batch. The tail that does not fill a global batch is
@@ -11,7 +13,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -21,6 +22,7 @@ from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_set, verify
 from hvdtrain.shards.plan import Segment, ShardPlan, Window, eval_segments
 from hvdtrain.shards.reader import ShardReader, prefetched_batches
+from hvdtrain.sources import open_source
 
 EVAL_READ_BYTES = 16 << 20
 
@@ -38,57 +40,13 @@ class Arrays:
         return tuple(self.x_train.shape[1:])
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, num_classes: int) -> Arrays:
-    from sklearn.model_selection import train_test_split
-
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y)
-    return Arrays(x_train, y_train, x_test, y_test, num_classes)
-
-
-def _digits(cfg: DataConfig, seed: int) -> Arrays:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]  # N, C=1, 8, 8
-    return _split(x, digits.target.astype(np.int64), cfg.test_fraction, seed, 10)
-
-
-def _synthetic(cfg: DataConfig, seed: int) -> Arrays:
-    # Class-dependent means make the task learnable, so loss curves mean something in benchmarks.
-    rng = np.random.default_rng(seed)
-    shape = tuple(cfg.synthetic_shape)
-    centers = rng.normal(0, 1, size=(cfg.synthetic_classes, *shape)).astype(np.float32)
-    y = rng.integers(0, cfg.synthetic_classes, size=cfg.synthetic_samples).astype(np.int64)
-    x = centers[y] + rng.normal(0, 1, size=(cfg.synthetic_samples, *shape)).astype(np.float32)
-    return _split(x, y, cfg.test_fraction, seed, cfg.synthetic_classes)
-
-
-def _npz(cfg: DataConfig, seed: int) -> Arrays:
-    path = Path(cfg.source.removeprefix("npz:"))
-    if not path.is_file():
-        raise ConfigError(f"data.source: {path}: file not found")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = {"x", "y"} - set(npz.files)
-            if missing:
-                raise ConfigError(f"data.source: {path}: missing array(s) {sorted(missing)}")
-            x, y = npz["x"].astype(np.float32), npz["y"].astype(np.int64)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"data.source: {path}: not a readable .npz file ({exc})") from None
-    if len(x) != len(y):
-        raise ConfigError(f"data.source: {path}: x has {len(x)} samples but y has {len(y)}")
-    if x.ndim == 3:
-        x = x[:, None]  # grey images without a channel axis
-    return _split(x, y, cfg.test_fraction, seed, int(y.max()) + 1)
-
-
 def load_arrays(cfg: DataConfig, seed: int) -> Arrays:
-    if cfg.source == "digits":
-        return _digits(cfg, seed)
-    if cfg.source == "synthetic":
-        return _synthetic(cfg, seed)
-    return _npz(cfg, seed)
+    """The config's in-memory source, split and loaded: the samples `hvdtrain data shard` would write."""
+    splits = open_source(cfg.source, cfg.test_fraction, seed, cfg.synthetic_shape, cfg.synthetic_classes,
+                         cfg.synthetic_samples, origin="data.source")
+    (x_train, y_train), (x_test, y_test) = splits["train"].arrays(), splits["test"].arrays()
+    return Arrays(x_train.astype(np.float32, copy=False), y_train, x_test.astype(np.float32, copy=False), y_test,
+                  splits["train"].num_classes)
 
 
 @dataclass(frozen=True)

@@ -24,27 +24,10 @@ from tqdm import tqdm
 
 from hvdtrain.errors import ConfigError, UserError
 from hvdtrain.atomic import write_text
+from hvdtrain.world import world
 
 RELAY_GRACE_S = 2.0   # a failing rank waits this long for rank 0's watcher to print its line
 POLL_S = 0.2
-RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
-SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
-
-
-def _launcher_int(names: tuple[str, ...]) -> Optional[int]:
-    for name in names:
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return None
-
-
-def launcher_rank() -> Optional[int]:
-    """This process's rank as the launcher set it (before Horovod starts), or None outside a launcher."""
-    return _launcher_int(RANK_VARS)
-
-
-def launcher_size() -> int:
-    return _launcher_int(SIZE_VARS) or 1
 
 
 def one_line(exc: BaseException) -> str:
@@ -64,15 +47,15 @@ def is_collective_failure(exc: BaseException) -> bool:
 class FailureRelay:
     """Context for one rank's training run: rank 0 relays other ranks' failures; others report theirs."""
 
-    def __init__(self, run_dir: Path, rank: int, size: int):
-        self.folder, self.rank, self.size = Path(run_dir) / "failures", rank, size
+    def __init__(self, run_dir: Path):
+        self.folder = Path(run_dir) / "failures"
         self.relayed: list[str] = []
         self._seen: set[str] = set()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def __enter__(self) -> "FailureRelay":
-        if self.rank == 0 and self.size > 1:
+        if world.rank == 0 and world.size > 1:
             for stale in self.folder.glob("rank-*.txt"):  # from an earlier launch of this run
                 stale.unlink(missing_ok=True)
             self._thread = threading.Thread(target=self._watch, name="failure-relay", daemon=True)
@@ -92,11 +75,11 @@ class FailureRelay:
 
     def __exit__(self, kind, exc, tb) -> bool:
         self._stop.set()
-        if exc is None or self.size == 1:
+        if exc is None or world.size == 1:
             return False
         if not is_collective_failure(exc):
-            if self.rank != 0:
-                write_text(self.folder / f"rank-{self.rank}.txt", f"rank {self.rank} failed: {one_line(exc)}\n")
+            if world.rank != 0:
+                write_text(self.folder / f"rank-{world.rank}.txt", f"rank {world.rank} failed: {one_line(exc)}\n")
                 time.sleep(RELAY_GRACE_S)
             return False
         if self._thread is not None:
@@ -105,7 +88,7 @@ class FailureRelay:
         cause = ("; ".join(self.relayed) if self.relayed else
                  "another rank died, or stalled past horovod.stall_shutdown_seconds (see Horovod's report above)")
         raise UserError(f"the job stopped because a collective could not complete: {cause}",
-                        quiet=self.rank != 0) from None
+                        quiet=world.rank != 0) from None
 
 
 class InjectedFault(RuntimeError):
@@ -123,16 +106,15 @@ def _parse(spec: str) -> tuple[str, int, int]:
 class FaultInjector:
     """Triggers HVDTRAIN_FAULT on its rank at its step; does nothing when the variable is unset."""
 
-    def __init__(self, rank: int):
+    def __init__(self):
         spec = os.environ.get("HVDTRAIN_FAULT")
         self.fault = _parse(spec) if spec else None
-        self.rank = rank
 
     def at_step(self, step: int) -> None:
         if self.fault is None:
             return
         kind, rank, at = self.fault
-        if rank != self.rank or step != at:
+        if rank != world.rank or step != at:
             return
         if kind == "raise":
             raise InjectedFault(f"injected fault at step {step} (HVDTRAIN_FAULT)")

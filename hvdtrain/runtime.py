@@ -2,6 +2,7 @@
 import os
 
 from hvdtrain.config import Config, HorovodConfig
+from hvdtrain.exchange import SPARSE_METHODS
 
 
 def horovod_env(cfg: HorovodConfig, elastic: bool = False) -> dict[str, str]:
@@ -31,11 +32,24 @@ def configure_horovod_env(cfg: HorovodConfig, elastic: bool = False) -> None:
         os.environ.setdefault(name, value)
 
 
+def framework_trainer(framework: str):
+    """The `train(cfg, dataset, run_dir, resume)` of the configured framework's adapter."""
+    if framework == "tensorflow":
+        from hvdtrain.tf import require_tf_keras
+
+        require_tf_keras()
+        from hvdtrain.tf.trainer import train
+    else:
+        from hvdtrain.torch.trainer import train
+    return train
+
+
 def exchange_mode(cfg: Config, has_gpu: bool) -> str:
     """How gradients are averaged (see hvdtrain.torch.exchange): `auto` overlaps on GPUs, where
     communication runs beside compute, and uses one flat allreduce on CPU nodes; sparse compression
-    (top-k, auto) needs the flat exchange. Both framework adapters decide it here."""
-    if cfg.compression.method in ("topk", "shared_topk", "auto"):
+    (top-k, auto) needs the flat exchange, and so does bf16, whose words are allgathered (Horovod 0.28
+    allreduces no bfloat16 tensors). Both framework adapters decide it here."""
+    if cfg.compression.method in (*SPARSE_METHODS, "bf16"):  # Horovod 0.28 allreduces no bfloat16
         return "flat"
     if cfg.horovod.gradient_exchange != "auto":
         return cfg.horovod.gradient_exchange

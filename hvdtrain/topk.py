@@ -1,10 +1,14 @@
 """Approximate top-k selection by magnitude, fast enough to run every step (framework-free).
 
-torch.topk on 25 M floats costs about 47 memcpy-times here. Instead (as DGC does): estimate the k-th
-largest magnitude from a stratified random sample, select everything above it in one compiled pass
-into preallocated buffers, and correct the threshold (at most a few passes, rarely needed) so the count
-lands within 10% of k; too many is trimmed to exactly k by a partition of the few candidates.
-Measured: about 0.2-0.3 clone-times at 25 M elements (see the compression issue's closing note).
+An exact top-k (torch.topk, a full partition) costs many copies of the tensor, too much for every
+step. Instead (as DGC does): estimate the k-th largest magnitude from a stratified random sample, select
+everything above it in one compiled pass into preallocated buffers, and correct the threshold (at most a
+few passes, rarely needed) so the count lands within 10% of k; too many is trimmed to exactly k by a
+partition of the few candidates.
+Its cost against a plain copy of the tensor is measured by `hvdtrain bench compression` (benchmarks/README.md).
+
+The sample's positions are a pure function of (seed, key): the exchange keys each call by (rank, step,
+tensor), so a run resumed from a checkpoint selects exactly what the uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -13,6 +17,18 @@ from numba import njit
 
 SAMPLE_MIN, SAMPLE_MAX = 25_000, 100_000
 TOLERANCE = 0.1
+MASK64 = (1 << 64) - 1
+
+
+def sample_seed(*key: int) -> int:
+    """A well-mixed seed for `_sample_abs` from a few integers (SplitMix64 over each in turn)."""
+    state = 0x9E3779B97F4A7C15
+    for part in key:
+        state = (state ^ (part & MASK64)) + 0x9E3779B97F4A7C15 & MASK64
+        state = (state ^ state >> 30) * 0xBF58476D1CE4E5B9 & MASK64
+        state = (state ^ state >> 27) * 0x94D049BB133111EB & MASK64
+        state ^= state >> 31
+    return state >> 1 | 1  # a positive int64, never 0 (the xorshift's fixed point)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -54,14 +70,15 @@ def _threshold(sample: np.ndarray, k: int, n: int, scale: float = 1.0) -> np.flo
 
 
 class TopK:
-    """Reusable selector (its buffers and random state persist across steps)."""
+    """Reusable selector: its buffers persist across calls; it keeps no random state."""
 
     def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per tensor length
 
-    def __call__(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(values, int64 indices) of about the k largest |x| (within 10% of k; fewer if x has fewer non-zeros)."""
+    def __call__(self, x: np.ndarray, k: int, *key: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, int64 indices) of about the k largest |x| (within 10% of k; fewer if x has fewer non-zeros).
+        The same (seed, key) and x always give the same selection."""
         n = x.shape[0]
         k = max(1, min(k, n))
         capacity = 2 * k + 64
@@ -69,7 +86,7 @@ class TopK:
             self.buffers[n] = (np.empty(capacity, np.int64), np.empty(capacity, np.float32))
         indices, values = self.buffers[n]
         sample_size = min(SAMPLE_MAX, max(SAMPLE_MIN, n // 250))
-        sample = np.abs(x) if n <= 4 * sample_size else _sample_abs(x, sample_size, self.rng.integers(1, 2**63))
+        sample = np.abs(x) if n <= 4 * sample_size else _sample_abs(x, sample_size, sample_seed(self.seed, *key))
         threshold = _threshold(sample, k, n)
         count = _select(x, threshold, indices, values)
         for attempt in range(1, 5):  # bounded correction
@@ -90,13 +107,3 @@ class TopK:
             return values[keep].copy(), indices[keep].copy()
         return values[:count].copy(), indices[:count].copy()
 
-
-def select_with_feedback(residual: np.ndarray, grad: np.ndarray, k: int, select: TopK) -> tuple[np.ndarray, np.ndarray]:
-    """Error feedback: m <- m + g; send the top-k of m; m[sent] <- 0 (residual is updated in place).
-
-    What is sent plus what stays in the residual is exactly what came in: nothing is lost, only delayed.
-    """
-    residual += grad
-    values, indices = select(residual, k)
-    residual[indices] = 0
-    return values, indices

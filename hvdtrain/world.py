@@ -58,16 +58,19 @@ class World:
     def _identity(self) -> tuple[int, int, int, int]:
         if self._hvd is not None:
             hvd = self._hvd
-            return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+            try:
+                return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+            except ValueError:  # Horovod shut down (a failed job on its way out): the launcher still knows
+                pass
         return launcher_identity() or (0, 1, 0, 1)
 
     @property
     def rank(self) -> int:
-        return self._hvd.rank() if self._hvd is not None else self._identity()[0]
+        return self._identity()[0]
 
     @property
     def size(self) -> int:
-        return self._hvd.size() if self._hvd is not None else self._identity()[1]
+        return self._identity()[1]
 
     @property
     def local_rank(self) -> int:

@@ -87,7 +87,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
     log "Horovod $key already installed"
 else
     if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
-        log "building Horovod $HOROVOD_VERSION ($key); this takes about 10 minutes on 2 cores"
+        log "building Horovod $HOROVOD_VERSION ($key) from source; the wheel is cached in $wheel_dir"
         build="$(mktemp -d)"
         trap 'rm -rf "$build"' EXIT
         "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$build"
@@ -114,11 +114,15 @@ else
     else
         log "using cached Horovod wheel from $wheel_dir"
     fi
+    # --no-deps: pip must not touch the frameworks; Horovod's own dependencies follow.
     pip_install --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
-    # Horovod's runtime deps (cloudpickle, psutil, pyyaml, packaging) without touching the frameworks.
-    pip_install cloudpickle psutil pyyaml packaging
     echo "$key" > "$stamp"
 fi
+# Horovod's runtime deps as its metadata lists them (cffi, cloudpickle, psutil, pyyaml, packaging),
+# framework extras left out; on every run, so a venv installed before a dependency was added gets it too.
+mapfile -t horovod_deps < <("$PY" -c 'from importlib.metadata import requires
+print("\n".join(r for r in requires("horovod") or () if "extra ==" not in r))')
+[ ${#horovod_deps[@]} -eq 0 ] || pip_install "${horovod_deps[@]}"
 
 # 4. Prove the build has every piece hvdtrain uses.
 check="$(TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/horovodrun" --check-build 2>/dev/null)"
@@ -129,4 +133,8 @@ done
 if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
     echo "$check" | grep -q "\[X\] NCCL" || die "HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS but Horovod has no NCCL"
 fi
+
+# 5. Every installed package has what it requires: a missing dependency fails here, not at import time.
+"$PY" -m pip check --disable-pip-version-check 2> >(grep -v "is ignored: it is neither" >&2) \
+    || die "pip check: missing or conflicting packages (listed above)"
 log "ready: $VENV"

@@ -1,9 +1,13 @@
 """Benchmarks run for real at a tiny size: every rank reports, the report and its plots are written."""
 import json
+import os
+
+import pytest
 
 from conftest import hvdtrain
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the 1gbit link needs root to create network namespaces and tc caps")
 def test_scaling_allreduce_and_report(tmp_path):
     out = tmp_path / "results"
     hvdtrain("bench", "scaling", "--np", "1,2", "--modes", "horovod,horovod-default,ddp,nocomm", "--repeats", "1",

@@ -211,6 +211,15 @@ def test_batches_a_caller_keeps_are_never_overwritten(tmp_path):
     assert all(np.array_equal(k[1], k[0][:, 0, 0, 0].astype(int) % 3) for k in kept)
 
 
+def test_a_small_test_set_gets_at_most_one_shard_per_sample_and_no_temporary_file_stays(tmp_path):
+    from hvdtrain.shards.writer import write_splits
+    from hvdtrain.sources import synthetic
+
+    written = write_splits(synthetic((2,), 2, 20, seed=0, test_fraction=0.1), tmp_path, shards=4)
+    assert [len(written[split].shards) for split in ("train", "test")] == [4, 2]
+    assert not [p.name for p in tmp_path.rglob(".*")]  # shards are renamed into place (hvdtrain.atomic)
+
+
 # ---- bad input: one line, exit code 2 -------------------------------------------------------------
 
 def train_args(tmp_path, train, test, *extra):

@@ -43,9 +43,16 @@ def test_two_ranks_equal_one_rank_with_double_batch(controller, tmp_path):
     assert summary2["final"]["test_accuracy"] == pytest.approx(summary1["final"]["test_accuracy"], abs=1 / 360)
 
 
-def test_resume_equals_a_straight_run(tmp_path):
+TOPK = ["compression.method=topk", "compression.momentum_correction=true", "compression.min_size=100",
+        "compression.ratio=0.05"]
+
+
+@pytest.mark.parametrize("compression", ["none", "topk+momentum_correction"])
+def test_resume_equals_a_straight_run(compression, tmp_path):
+    """Top-k's error-feedback residuals and corrected momentum are each rank's own: they are checkpointed
+    per rank, so a resumed top-k run matches the uninterrupted one bit for bit, as a dense run does."""
     common = ["--config", CONFIG, *EXACT, "train.schedule=cosine", "train.warmup_steps=5",
-              "train.batch_size=16", "checkpoint.every_steps=7"]
+              "train.batch_size=16", "checkpoint.every_steps=7", *(TOPK if compression != "none" else [])]
     # 44 steps per epoch at np=2: stopping at 30 resumes mid-epoch, inside the data order.
     hvdtrain("train", "--run-dir", str(tmp_path / "split"), *common, "train.max_steps=30", np=2,
              controller="mpi")
@@ -61,6 +68,11 @@ def test_resume_equals_a_straight_run(tmp_path):
     assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after resume"
     kept = sorted(p.name for p in (tmp_path / "split/checkpoints").glob("*.pt"))
     assert kept == ["ckpt-00000049.pt", "ckpt-00000056.pt", "ckpt-00000060.pt"]
+    rank_files = sorted(p.name for p in (tmp_path / "split/checkpoints").glob("*.rank-*.npz"))
+    if compression == "none":
+        assert rank_files == []
+    else:  # one per rank beside each kept checkpoint; the pruned ones went with their checkpoint
+        assert rank_files == [f"ckpt-000000{s}.rank-0000{r}.npz" for s in (49, 56, 60) for r in (0, 1)]
 
 
 def test_fresh_run_refuses_a_used_run_dir(tmp_path):

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from hvdtrain.bench import end_torch_distributed, links
+from hvdtrain.atomic import write_json
+from hvdtrain.bench import Targets, end_torch_distributed, links
 
 IMPLEMENTATIONS = ("horovod-mpi", "horovod-gloo", "mpi4py", "torch-gloo")
 DEFAULT_SIZES_MB = (0.004, 0.064, 0.25, 1, 4, 16, 64, 100)
@@ -126,7 +127,7 @@ def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list
 def sweep(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out) / "raw"
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    every = []
+    every, targets = [], Targets()
     for link in args.links:
         with links.network(link):
             results = _run_link(link, args, out, env)
@@ -139,8 +140,10 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         if by.get("mpi4py"):
             for impl in ("horovod-mpi", "horovod-gloo"):
                 if by.get(impl):
-                    print(f"{link}: {args.sizes[-1]:g} MB: {impl} / mpi4py bus bandwidth = "
-                          f"{by[impl] / by['mpi4py']:.2f}x (target >= 0.9)")
+                    ratio = by[impl] / by["mpi4py"]
+                    verdict = targets.check(f"{link} {impl} / mpi4py bus bandwidth", ratio, ">=", 0.9)
+                    print(f"{link}: {args.sizes[-1]:g} MB: {impl} / mpi4py bus bandwidth = {ratio:.2f}x {verdict}")
+    write_json(Path(args.out) / "allreduce-targets.json", targets.checked)
     return every
 
 

@@ -37,8 +37,7 @@ class Segment:
 @dataclass(frozen=True)
 class Window:
     epoch: int
-    index: int
-    first_batch: int      # rank-local batch number of the window's first batch
+    first_batch: int      # rank-local batch number of the window's first batch (0 for an elastic round)
     segments: tuple[Segment, ...]
     order: np.ndarray     # permutation applied to the samples read from the segments
 
@@ -57,7 +56,6 @@ class ShardPlan:
     seed: int
     tail: Tail = "drop"
     window_batches: int = 16
-    shuffle: bool = True
 
     def __post_init__(self) -> None:
         total = self.total
@@ -94,13 +92,11 @@ class ShardPlan:
     def _stream_blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The epoch's block sequence as arrays (shard, start, stop)."""
         rng = np.random.default_rng([self.seed, epoch])
-        shard_order = rng.permutation(len(self.counts)) if self.shuffle else np.arange(len(self.counts))
         shards, starts, stops = [], [], []
-        for shard in shard_order:
+        for shard in rng.permutation(len(self.counts)):
             count, block = self.counts[shard], self.block_samples[shard]
             block_starts = np.arange(0, count, block, dtype=np.int64)
-            if self.shuffle:
-                block_starts = block_starts[rng.permutation(len(block_starts))]
+            block_starts = block_starts[rng.permutation(len(block_starts))]
             shards.append(np.full(len(block_starts), shard, dtype=np.int64))
             starts.append(block_starts)
             stops.append(np.minimum(block_starts + block, count))
@@ -135,9 +131,8 @@ class ShardPlan:
             first = rank_first + first_batch * self.batch_size
             segments = self._segments(blocks, first, first + n_batches * self.batch_size)
             n = n_batches * self.batch_size
-            order = (np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(n)
-                     if self.shuffle else np.arange(n))
-            result.append(Window(epoch, index, first_batch, tuple(segments), order))
+            order = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(n)
+            result.append(Window(epoch, first_batch, tuple(segments), order))
         return result
 
     def elastic_round(self, epoch: int, position: int, rank: int, size: int) -> tuple[Optional[Window], int]:
@@ -156,9 +151,8 @@ class ShardPlan:
             return None, 0
         first = position + rank * per_rank
         segments = self._segments(self._stream_blocks(epoch), first, first + per_rank)
-        order = (np.random.default_rng([self.seed, epoch, position, rank]).permutation(per_rank)
-                 if self.shuffle else np.arange(per_rank))
-        return Window(epoch, position, 0, tuple(segments), order), size * per_rank
+        order = np.random.default_rng([self.seed, epoch, position, rank]).permutation(per_rank)
+        return Window(epoch, 0, tuple(segments), order), size * per_rank
 
     def sample_ids(self, window: Window) -> np.ndarray:
         """Global ids of the window's samples in the order they are yielded (for tests and audits)."""

@@ -147,11 +147,6 @@ class ShardReader:
         return self.read(window.segments, window.order)
 
 
-def split_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for start in range(0, len(y), batch_size):
-        yield x[start:start + batch_size], y[start:start + batch_size]
-
-
 class BatchBuffers:
     """Batch arrays reused round-robin, but only once nobody outside holds them.
 

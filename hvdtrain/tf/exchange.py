@@ -1,7 +1,18 @@
-"""hvdtrain.exchange.Collectives over horovod.tensorflow (eager), for top-k, shared_topk and auto.
+"""Gradient exchange, TensorFlow side: how a rank's gradients become the average over all ranks.
 
+* overlap: Horovod's DistributedGradientTape, fp16 through the compressor here. Horovod 0.28.1 has no
+  bfloat16 allreduce (its TensorFlow op does not accept the dtype), so bf16 needs the flat exchange.
+* flat: `FlatExchange` lays the gradients out in one flat tensor as hvdtrain.exchange does (`layout`).
+  none, fp16 and bf16 average it inside the compiled step (`average`), as the PyTorch side does: none
+  and fp16 by one allreduce summing in that precision, averaged in float32; bf16 by an allgather of
+  the bfloat16 words as int16, summed in float32 (its traffic grows with the number of ranks).
+  topk, shared_topk and auto take it out of the graph to the framework-free `hvdtrain.exchange`
+  (`__call__`), between two compiled halves of the step.
+The number of ranks is read from hvdtrain.world, and inside the graph from Horovod's size op on every
+step: no trace bakes it in (TensorFlow runs are not elastic today, nothing here relies on that).
 TensorFlow's eager Horovod ops have no handles to wait on: each runs to completion when called, so a
 top-k step here takes one Horovod cycle per collective (the PyTorch side enqueues them together).
+hvdtrain/torch/exchange.py is this file's twin.
 """
 from __future__ import annotations
 
@@ -9,10 +20,44 @@ import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
 
+from hvdtrain import exchange
+from hvdtrain.config import CompressionConfig
+from hvdtrain.world import world
+
+
+class FP16Compressor:
+    """Horovod's compressor interface: compress(tensor) -> (tensor, ctx); decompress(tensor, ctx)."""
+
+    dtype = tf.float16
+
+    @classmethod
+    def compress(cls, tensor: tf.Tensor):
+        return (tf.cast(tensor, cls.dtype) if tensor.dtype.is_floating else tensor), tensor.dtype
+
+    @staticmethod
+    def decompress(tensor: tf.Tensor, ctx):
+        return tf.cast(tensor, ctx) if ctx.is_floating else tensor
+
+
+class BF16Compressor(FP16Compressor):
+    dtype = tf.bfloat16
+
+
+# For Horovod's overlapped exchange, which refuses bf16 tensors: that run fails loudly rather than
+# quietly sending float32 (runtime.exchange_mode should keep bf16 on the flat exchange).
+COMPRESSORS = {"fp16": FP16Compressor, "bf16": BF16Compressor}
+
 
 class HorovodCollectives:
-    def __init__(self):
-        self.rank, self.size = hvd.rank(), hvd.size()
+    """hvdtrain.exchange.Collectives over horovod.tensorflow (eager)."""
+
+    @property
+    def rank(self) -> int:
+        return world.rank
+
+    @property
+    def size(self) -> int:
+        return world.size
 
     def allreduce_async(self, array, name):
         np.copyto(array, hvd.allreduce(tf.constant(array), op=hvd.Average, name=name).numpy())
@@ -28,3 +73,65 @@ class HorovodCollectives:
 
     def maximum(self, array, name):
         return hvd.allreduce(tf.constant(array), op=hvd.Max, name=name).numpy()
+
+
+class FlatExchange:
+    """The model's gradients as one flat tensor, averaged over all ranks once per step."""
+
+    def __init__(self, variables: list, cfg: CompressionConfig, momentum: float = 0.0):
+        self.cfg = cfg
+        sizes = [v.shape.num_elements() for v in variables]
+        order, large = exchange.layout(sizes, cfg)
+        self.variables = [variables[i] for i in order]  # the order of their gradients in the flat tensor
+        self.sparse = cfg.method in exchange.SPARSE_METHODS  # the gradients leave the graph for NumPy
+        self.words = sum(sizes)
+        self.core = exchange.Exchange(large, cfg, HorovodCollectives(), self.words, momentum)
+
+    def flatten(self, grads: list) -> tf.Tensor:
+        """Gradients of `self.variables`, in that order, as one flat tensor."""
+        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+    def unflatten(self, flat: tf.Tensor) -> list:
+        parts = tf.split(flat, [v.shape.num_elements() for v in self.variables])
+        return [tf.reshape(part, v.shape) for part, v in zip(parts, self.variables)]
+
+    def average(self, flat: tf.Tensor) -> tf.Tensor:
+        """none, fp16, bf16, inside the compiled step: the average over all ranks of `flat` (float32)."""
+        size = hvd.size_op()
+        # the average of one rank is its gradient: no Horovod cycle to wait for
+        return tf.cond(size > 1, lambda: self._sum(flat) / tf.cast(size, tf.float32), lambda: flat)
+
+    def _sum(self, flat: tf.Tensor) -> tf.Tensor:
+        if self.cfg.method == "bf16":  # every rank's bfloat16 words, gathered as int16, summed in float32
+            packed, ctx = BF16Compressor.compress(flat)
+            gathered = hvd.allgather(tf.bitcast(packed, tf.int16), name="flat_gradients.bf16")
+            parts = tf.bitcast(tf.reshape(gathered, [-1, self.words]), tf.bfloat16)
+            return tf.reduce_sum(BF16Compressor.decompress(parts, ctx), 0)
+        compressor = COMPRESSORS.get(self.cfg.method, hvd.Compression.none)
+        packed, ctx = compressor.compress(flat)
+        return compressor.decompress(hvd.allreduce(packed, op=hvd.Sum, name="flat_gradients"), ctx)
+
+    def count_average(self) -> None:
+        """`average` ran for a step: count the bytes it sent (none on one rank)."""
+        word = 2 if self.cfg.method in COMPRESSORS else 4
+        self.core.sent.add(self.words * word if world.size > 1 else 0)
+
+    def __call__(self, flat: tf.Tensor) -> np.ndarray:
+        """topk, shared_topk, auto: the average over all ranks of `flat`, a NumPy array."""
+        buffer = np.array(flat)  # writable: the exchange averages it in place
+        self.core(buffer)
+        return buffer
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    def state(self) -> dict[str, np.ndarray]:
+        """This rank's exchange state for a checkpoint (see hvdtrain.exchange.Exchange.state)."""
+        return self.core.state()
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.core.load_state(state)
+
+    def on_resize(self) -> None:
+        """Elastic reset: every rank calls it once the job has its new size (see Exchange.on_resize)."""
+        self.core.on_resize()

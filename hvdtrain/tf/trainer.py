@@ -2,8 +2,8 @@
 
 A custom step (rather than Keras' fit with Horovod's callbacks) lets the same loop drive both frameworks:
 the same schedule, metrics, checkpoints and stop handling, and the same gradient exchanges as the
-PyTorch adapter (flat: one allreduce of all gradients; overlap: hvd.DistributedGradientTape; top-k,
-shared_topk and auto: the framework-free hvdtrain.exchange between two compiled halves of the step).
+PyTorch adapter (hvdtrain.tf.exchange: flat, one allreduce of all gradients inside the compiled step, or
+top-k, shared_topk and auto between two compiled halves of it; overlap: hvd.DistributedGradientTape).
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import horovod.tensorflow as hvd
 from hvdtrain import exchange, loop, runtime
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
-from hvdtrain.errors import ConfigError
 from hvdtrain.atomic import atomic_open, atomic_path
 from hvdtrain.tf.data import train_dataset
-from hvdtrain.tf.exchange import HorovodCollectives
+from hvdtrain.tf.exchange import COMPRESSORS, FlatExchange
 from hvdtrain.tf.models import build
+from hvdtrain.world import world
 
 keras = tf.keras
 
@@ -35,60 +35,39 @@ def _optimizer(cfg: Config):
     return keras.optimizers.SGD(learning_rate=cfg.train.lr, momentum=exchange.optimizer_momentum(cfg))
 
 
-def _flatten(grads):
-    return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-
-
-def _unflatten(flat, variables) -> list:
-    parts = tf.split(flat, [v.shape.num_elements() for v in variables])
-    return [tf.reshape(part, v.shape) for part, v in zip(parts, variables)]
-
-
 class TensorFlowAdapter:
     framework = "tensorflow"
     checkpoint_suffix = "npz"
 
-    def __init__(self, cfg: Config, dataset: Dataset):
-        self.cfg, self.sample_shape = cfg, tuple(dataset.sample_shape)
-        self.rank, self.size = hvd.rank(), hvd.size()
+    def __init__(self, cfg: Config, sample_shape: tuple[int, ...], num_classes: int):
+        self.cfg, self.sample_shape = cfg, tuple(sample_shape)
         tf.keras.utils.set_random_seed(cfg.seed)
-        self.model = build(cfg.model, self.sample_shape, dataset.num_classes)
+        self.model = build(cfg.model, self.sample_shape, num_classes)
         self.optimizer = _optimizer(cfg)
         self.optimizer.build(self.model.trainable_variables)  # slots exist before they are broadcast
         self.lr = tf.Variable(cfg.train.lr, dtype=tf.float32, trainable=False)
         self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        has_gpu = bool(tf.config.list_physical_devices("GPU"))
-        self.overlap = runtime.exchange_mode(cfg, has_gpu) == "overlap"
-        self.half = {"fp16": tf.float16, "bf16": tf.bfloat16}.get(cfg.compression.method)
+        self.flat = None
+        if runtime.exchange_mode(cfg, bool(tf.config.list_physical_devices("GPU"))) == "flat":
+            self.flat = FlatExchange(self.model.trainable_variables, cfg.compression, cfg.train.momentum)
         signature = [tf.TensorSpec((None, *self.sample_shape), tf.float32), tf.TensorSpec((None,), tf.int64)]
-        self._step = tf.function(self._train_step, input_signature=signature)
-        self.sparse = None
-        if cfg.compression.method in exchange.SPARSE_METHODS:  # gradients leave the graph for NumPy
-            sizes = [v.shape.num_elements() for v in self.model.trainable_variables]
-            order, large = exchange.layout(sizes, cfg.compression)
-            self.sparse_variables = [self.model.trainable_variables[i] for i in order]
-            self.sparse = exchange.Exchange(large, cfg.compression, HorovodCollectives(), sum(sizes),
-                                            cfg.train.momentum)
-            self._flat_gradients = tf.function(self._gradients, input_signature=signature)
-            self._apply_flat = tf.function(self._apply, input_signature=[tf.TensorSpec((None,), tf.float32)])
+        if self.flat is not None and self.flat.sparse:  # the gradients leave the graph for NumPy
+            self._gradients = tf.function(self._flat_gradients, input_signature=signature)
+            self._apply = tf.function(self._apply_flat, input_signature=[tf.TensorSpec((None,), tf.float32)])
+        else:
+            self._step = tf.function(self._train_step, input_signature=signature)
 
     def _train_step(self, x, y):
         with tf.GradientTape() as tape:
             loss = self.loss(y, self.model(x, training=True))
-        variables = self.model.trainable_variables
-        if self.overlap:
-            compression = hvd.Compression.fp16 if self.half is not None else hvd.Compression.none
+        if self.flat is None:
+            variables = self.model.trainable_variables
+            compression = COMPRESSORS.get(self.cfg.compression.method, hvd.Compression.none)
             grads = hvd.DistributedGradientTape(tape, compression=compression).gradient(loss, variables)
-        elif self.size == 1:  # the average of one rank is its gradient: no Horovod cycle to wait for
-            grads = tape.gradient(loss, variables)
         else:
-            flat = _flatten(tape.gradient(loss, variables))
-            if self.half is None:
-                flat = hvd.allreduce(flat, op=hvd.Average, name="flat_gradients")
-            else:  # sum in half precision, average in float32 (as the PyTorch adapter does)
-                summed = hvd.allreduce(tf.cast(flat, self.half), op=hvd.Sum, name="flat_gradients.half")
-                flat = tf.cast(summed, tf.float32) / self.size
-            grads = _unflatten(flat, variables)
+            variables = self.flat.variables
+            flat = self.flat.average(self.flat.flatten(tape.gradient(loss, variables)))
+            grads = self.flat.unflatten(flat)
         self._update(grads, variables)
         return loss
 
@@ -98,14 +77,14 @@ class TensorFlowAdapter:
         self.optimizer.learning_rate.assign(self.lr)
         self.optimizer.apply_gradients(zip(grads, variables))
 
-    def _gradients(self, x, y):
+    def _flat_gradients(self, x, y):
         """Sparse exchanges: the loss and this rank's gradients, flat in the exchange's layout."""
         with tf.GradientTape() as tape:
             loss = self.loss(y, self.model(x, training=True))
-        return loss, _flatten(tape.gradient(loss, self.sparse_variables))
+        return loss, self.flat.flatten(tape.gradient(loss, self.flat.variables))
 
-    def _apply(self, flat):
-        self._update(_unflatten(flat, self.sparse_variables), self.sparse_variables)
+    def _apply_flat(self, flat):
+        self._update(self.flat.unflatten(flat), self.flat.variables)
 
     # collectives -------------------------------------------------------------------------------
     def sum(self, values: list[float], name: str) -> list[float]:
@@ -128,13 +107,14 @@ class TensorFlowAdapter:
 
     def train_step(self, batch, lr: float) -> float:
         self.lr.assign(lr)
-        if self.sparse is None:
-            return float(self._step(*batch))
-        loss, flat = self._flat_gradients(*batch)
-        buffer = np.array(flat)  # writable: the exchange averages it in place
-        self.sparse(buffer)
-        self._apply_flat(buffer)
-        return float(loss)
+        if self.flat is not None and self.flat.sparse:
+            loss, flat = self._gradients(*batch)
+            self._apply(self.flat(flat))
+            return float(loss)
+        loss = float(self._step(*batch))
+        if self.flat is not None:
+            self.flat.count_average()
+        return loss
 
     def eval_sums(self, rank_data) -> tuple[float, float, float]:
         loss_sum, correct, count = 0.0, 0.0, 0.0
@@ -167,12 +147,22 @@ class TensorFlowAdapter:
             digest.update(np.ascontiguousarray(weight).tobytes())
         return digest.hexdigest()
 
+    def exchange_state(self) -> dict[str, np.ndarray]:
+        """This rank's gradient-exchange state (hvdtrain.exchange.Exchange.state), for its own checkpoint
+        file; empty when the exchange keeps nothing between steps."""
+        return self.flat.state() if self.flat is not None else {}
+
+    def load_exchange_state(self, state: dict[str, np.ndarray]) -> None:
+        if self.flat is not None:
+            self.flat.load_state(state)
+
     def stats(self) -> dict:
-        if self.sparse is not None:
-            return self.sparse.stats()
-        # dense exchanges send every gradient each step (none on one rank), in half precision for fp16/bf16
-        words = sum(v.shape.num_elements() for v in self.model.trainable_variables) if self.size > 1 else 0
-        return {"bytes_per_step": words * (2 if self.half is not None else 4), "compression": self.cfg.compression.method}
+        if self.flat is not None:
+            return self.flat.stats()
+        # overlap sends every gradient each step (none on one rank), in half precision for fp16/bf16
+        words = sum(v.shape.num_elements() for v in self.model.trainable_variables) if world.size > 1 else 0
+        method = self.cfg.compression.method
+        return {"bytes_per_step": words * (2 if method in COMPRESSORS else 4), "compression": method}
 
     def versions(self) -> dict:
         return {"tensorflow": tf.__version__, "horovod": horovod.__version__, "numpy": np.__version__}
@@ -183,17 +173,21 @@ class TensorFlowAdapter:
             self.model.save(tmp)
 
 
-def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
-    if runtime.elastic_launch():
-        raise ConfigError("framework: elastic training (horovodrun --min-np/--max-np) is available for "
-                          "framework torch; launch TensorFlow runs with a fixed -np")
-    runtime.configure_horovod_env(cfg.horovod)
+def start_horovod(cfg: Config) -> int:
+    """Horovod up with hvdtrain's settings, `world` answering from it; returns the threads per rank."""
+    runtime.configure_horovod_env(cfg.horovod, elastic=runtime.elastic_launch())
     hvd.init()
-    threads = runtime.threads_per_rank(hvd.local_size())
+    world.attach(hvd)
+    threads = runtime.threads_per_rank(world.local_size)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    adapter = TensorFlowAdapter(cfg, dataset)
+    return threads
+
+
+def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
+    threads = start_horovod(cfg)
+    adapter = TensorFlowAdapter(cfg, tuple(dataset.sample_shape), dataset.num_classes)
     summary = loop.run(cfg, dataset, run_dir, resume, adapter, threads)
-    if adapter.rank == 0:
+    if world.is_root:
         adapter.export(run_dir)
     return summary

@@ -3,23 +3,28 @@
 * overlap: Horovod's DistributedOptimizer. Each gradient is allreduced from its backward hook, so
   communication overlaps with the rest of the backward pass; Horovod negotiates every tensor in its
   background thread. This pays when compute and communication use different hardware (GPUs, a NIC).
-* flat: gradients live in one buffer (each .grad is a view into it: no copies) that is exchanged once
-  per step after backward, either by the framework-free `hvdtrain.exchange` (none, topk, shared_topk,
-  auto) working on the buffer's memory, or here in half precision:
-  - fp16 / bf16: the buffer is cast, summed by one allreduce, and averaged back in float32 (averaging
-    in half precision on CPU is what fails in Horovod's own fp16 path, its issue 2108). Horovod 0.28 has
-    no bfloat16 tensors, so bf16 words are allgathered and summed in float32: its traffic grows with the
-    number of ranks, prefer fp16 beyond a few ranks.
+  fp16 goes through the compressor here. Horovod 0.28.1 has no bfloat16 allreduce (neither binding
+  accepts the dtype), so bf16 has no overlapped form: it needs the flat exchange.
+* flat: gradients live in one buffer (each .grad is a view into it: no copies) that `FlatExchange`
+  exchanges once per step after backward, through the framework-free `hvdtrain.exchange` (none, topk,
+  shared_topk, auto) working on the buffer's memory, or through the two half-precision methods here:
+  - fp16 (`HalfSum`): the buffer is cast, summed by one allreduce and averaged back in float32
+    (averaging in half precision is what failed in Horovod's own CPU fp16 path, its issue 2108);
+  - bf16 (`BFloat16Gather`): the bfloat16 words are allgathered as int16 and summed in float32 here, so
+    its traffic grows with the number of ranks: prefer fp16 beyond a few ranks.
+The number of ranks is read from hvdtrain.world on every use. hvdtrain/tf/exchange.py mirrors this file.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import horovod.torch as hvd
 
 from hvdtrain import exchange
 from hvdtrain.config import CompressionConfig
+from hvdtrain.world import world
 
 
 class FP16Compressor:
@@ -40,14 +45,21 @@ class BF16Compressor(FP16Compressor):
     dtype = torch.bfloat16
 
 
+# For Horovod's overlapped exchange, which refuses bf16 tensors: the config refuses overlap with bf16 and
+# runtime.exchange_mode keeps bf16 on the flat exchange, so only fp16 reaches Horovod's optimizer.
 COMPRESSORS = {"fp16": FP16Compressor, "bf16": BF16Compressor}
 
 
 class HorovodCollectives:
     """hvdtrain.exchange.Collectives over horovod.torch; NumPy arrays are shared with tensors, not copied."""
 
-    def __init__(self):
-        self.rank, self.size = hvd.rank(), hvd.size()
+    @property
+    def rank(self) -> int:
+        return world.rank
+
+    @property
+    def size(self) -> int:
+        return world.size
 
     def allreduce_async(self, array, name):
         return hvd.allreduce_async_(torch.from_numpy(array), op=hvd.Average, name=name)
@@ -65,7 +77,35 @@ class HorovodCollectives:
         return hvd.allreduce(torch.from_numpy(array), op=hvd.Max, name=name).numpy()
 
 
+class HalfSum:
+    """fp16, a method of hvdtrain.exchange: sum in half precision, average in float32."""
+
+    def exchange(self, buffer: np.ndarray, step: int) -> int:
+        flat = torch.from_numpy(buffer)
+        packed, ctx = FP16Compressor.compress(flat)
+        summed = hvd.allreduce(packed, op=hvd.Sum, name="flat_gradients.fp16")
+        flat.copy_(FP16Compressor.decompress(summed, ctx)).div_(world.size)
+        return packed.numel() * packed.element_size()
+
+
+class BFloat16Gather:
+    """bf16, a method of hvdtrain.exchange: every rank's bfloat16 words, summed and averaged in float32."""
+
+    def exchange(self, buffer: np.ndarray, step: int) -> int:
+        flat = torch.from_numpy(buffer)
+        packed, ctx = BF16Compressor.compress(flat)
+        gathered = hvd.allgather(packed.view(torch.int16), name="flat_gradients.bf16")
+        parts = BF16Compressor.decompress(gathered.view(torch.bfloat16).view(-1, packed.numel()), ctx)
+        flat.copy_(parts.sum(0)).div_(world.size)
+        return packed.numel() * packed.element_size()
+
+
+HALF_METHODS = {"fp16": HalfSum, "bf16": BFloat16Gather}
+
+
 class FlatExchange:
+    """The model's gradients in one flat buffer, averaged over all ranks once per step by `hvdtrain.exchange`."""
+
     def __init__(self, model: torch.nn.Module, cfg: Optional[CompressionConfig] = None, momentum: float = 0.0):
         self.cfg = cfg or CompressionConfig()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -78,34 +118,32 @@ class FlatExchange:
             p.grad = view
             self.views.append(view)
             offset += p.numel()
-        self.core = exchange.Exchange(large, self.cfg, HorovodCollectives(), self.buffer.numel(), momentum)
+        half = HALF_METHODS[self.cfg.method]() if self.cfg.method in HALF_METHODS else None
+        self.core = exchange.Exchange(large, self.cfg, HorovodCollectives(), self.buffer.numel(), momentum, half)
 
     def zero_grad(self) -> None:
         self.buffer.zero_()
         for p, view in zip(self.params, self.views):
             p.grad = view
 
-    def _half(self, compressor) -> int:
-        packed, ctx = compressor.compress(self.buffer)
-        if packed.dtype == torch.bfloat16:
-            # Horovod 0.28 has no bfloat16 tensors: gather the raw 16-bit words, sum in float32 here.
-            gathered = hvd.allgather(packed.view(torch.int16), name="flat_gradients.bf16")
-            parts = gathered.view(torch.bfloat16).view(hvd.size(), -1)
-            self.buffer.copy_(compressor.decompress(parts, ctx).sum(0)).div_(hvd.size())
-        else:
-            summed = hvd.allreduce(packed, op=hvd.Sum, name="flat_gradients.half")
-            self.buffer.copy_(compressor.decompress(summed, ctx)).div_(hvd.size())
-        return packed.numel() * packed.element_size()
-
     def __call__(self) -> None:
+        """Average the gradients over all ranks, in place."""
         for p, view in zip(self.params, self.views):
             if p.grad is not view:  # autograd replaced the view (e.g. a sparse or reshaped gradient)
                 view.copy_(p.grad)
                 p.grad = view
-        if self.cfg.method in COMPRESSORS:
-            self.core.count(self._half(COMPRESSORS[self.cfg.method]))
-        else:
-            self.core(self.buffer.numpy())
+        self.core(self.buffer.numpy())
 
     def stats(self) -> dict:
         return self.core.stats()
+
+    def state(self) -> dict[str, np.ndarray]:
+        """This rank's exchange state for a checkpoint (see hvdtrain.exchange.Exchange.state)."""
+        return self.core.state()
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.core.load_state(state)
+
+    def on_resize(self) -> None:
+        """Elastic reset: every rank calls it once the job has its new size (see Exchange.on_resize)."""
+        self.core.on_resize()

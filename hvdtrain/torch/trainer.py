@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,12 +14,13 @@ import horovod
 import horovod.torch as hvd
 
 from hvdtrain import exchange, loop, runtime
+from hvdtrain.atomic import atomic_open
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
-from hvdtrain.atomic import atomic_open
 from hvdtrain.torch.data import train_batches
 from hvdtrain.torch.exchange import COMPRESSORS, FlatExchange
 from hvdtrain.torch.models import build
+from hvdtrain.world import world
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -33,11 +35,10 @@ class TorchAdapter:
     framework = "torch"
     checkpoint_suffix = "pt"
 
-    def __init__(self, cfg: Config, dataset: Dataset):
+    def __init__(self, cfg: Config, sample_shape: tuple[int, ...], num_classes: int):
         self.cfg = cfg
-        self.rank, self.size = hvd.rank(), hvd.size()
         torch.manual_seed(cfg.seed)
-        self.model = build(cfg.model, dataset.sample_shape, dataset.num_classes)
+        self.model = build(cfg.model, sample_shape, num_classes)
         self.optimizer = _optimizer(cfg, self.model)
         self.flat = None
         if runtime.exchange_mode(cfg, torch.cuda.is_available()) == "overlap":
@@ -58,26 +59,35 @@ class TorchAdapter:
         return hvd.broadcast_object(obj, root_rank=0, name=name)
 
     def broadcast_state(self) -> None:
-        hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
+        """Rank 0's parameters and optimizer state become every rank's. Not Horovod's
+        broadcast_optimizer_state: on an optimizer without state (a fresh run, SGD without momentum) it
+        steps on zero gradients first, which with weight decay moves the weights."""
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        state = hvd.broadcast_object(self.optimizer.state_dict(), root_rank=0, name="optimizer_state")
+        if world.rank != 0:
+            self.optimizer.load_state_dict(state)
 
     # training ----------------------------------------------------------------------------------
     def batches(self, rank_data, start_step: int, last_step: int) -> Iterator:
         return train_batches(rank_data, start_step, last_step, self.cfg.data.workers, self.cfg.data.prefetch)
 
     def train_step(self, batch, lr: float) -> float:
-        x, y = batch
+        x, y = (torch.as_tensor(part) for part in batch)  # NumPy batches (elastic rounds) without a copy
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.flat is not None:
             self.flat.zero_grad()
         else:
             self.optimizer.zero_grad()
+        started = time.perf_counter()
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
+        computed = time.perf_counter()
         if self.flat is not None:
             self.flat()
-        self.optimizer.step()
+        self.optimizer.step()  # overlap: waits for the allreduces still in flight
+        # where the step's time went, for `bench scaling` (overlap's exchange partly hides in backward)
+        self.phase_seconds = {"forward_backward": computed - started, "update": time.perf_counter() - computed}
         return loss.item()
 
     def eval_sums(self, rank_data) -> tuple[float, float, float]:
@@ -108,6 +118,26 @@ class TorchAdapter:
         torch.set_rng_state(state["torch_rng"])
         return state
 
+    def exchange_state(self) -> dict[str, np.ndarray]:
+        """This rank's own exchange state (error feedback, corrected momentum) for its checkpoint file."""
+        return self.flat.state() if self.flat is not None else {}
+
+    def load_exchange_state(self, state: dict[str, np.ndarray]) -> None:
+        if self.flat is not None:
+            self.flat.load_state(state)
+
+    # elastic -----------------------------------------------------------------------------------
+    def elastic_state(self, **counters) -> hvd.elastic.TorchState:
+        """Horovod's elastic state over this model and optimizer, with the loop's counters."""
+        if not self.optimizer.state:
+            _create_optimizer_state(self.optimizer)
+        return hvd.elastic.TorchState(model=self.model, optimizer=self.optimizer, **counters)
+
+    def resync_exchange(self) -> None:
+        """After a resize: state the exchange keeps equal on every rank comes from rank 0 again."""
+        if self.flat is not None:
+            self.flat.on_resize()
+
     def weights_digest(self) -> str:
         digest = hashlib.sha256()
         for name, tensor in self.model.state_dict().items():
@@ -127,13 +157,33 @@ class TorchAdapter:
         return {"torch": torch.__version__, "horovod": horovod.__version__, "numpy": np.__version__}
 
 
-def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
-    from hvdtrain.torch import elastic
+def _create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its state with a step of learning rate 0 (parameters unchanged).
 
-    if runtime.elastic_launch():
-        return elastic.train(cfg, dataset, run_dir, resume)
-    runtime.configure_horovod_env(cfg.horovod)
+    Horovod's elastic sync fills an empty optimizer's state by stepping it on zero gradients after the
+    model was synced; with weight decay that step moves a joining worker's weights away from rank 0's."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+
+
+def start_horovod(cfg: Config) -> int:
+    """Horovod up with hvdtrain's settings, `world` answering from it; returns the threads per rank."""
+    runtime.configure_horovod_env(cfg.horovod, elastic=runtime.elastic_launch())
     hvd.init()
-    threads = runtime.threads_per_rank(hvd.local_size())
+    world.attach(hvd)
+    threads = runtime.threads_per_rank(world.local_size)
     torch.set_num_threads(threads)
-    return loop.run(cfg, dataset, run_dir, resume, TorchAdapter(cfg, dataset), threads)
+    return threads
+
+
+def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
+    threads = start_horovod(cfg)
+    adapter = TorchAdapter(cfg, tuple(dataset.sample_shape), dataset.num_classes)
+    return loop.run(cfg, dataset, run_dir, resume, adapter, threads)

@@ -1,0 +1,70 @@
+"""What the sparse methods carry from step to step on each rank: error feedback and DGC's momentum correction."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from hvdtrain.exchange.collectives import Collectives
+
+
+class ErrorFeedback:
+    """The residual m of the sparsified region, this rank's own: m <- m + g; the top of m is sent; m[sent] <- 0.
+    What is sent plus what stays is exactly what came in: nothing is lost, only delayed."""
+
+    def __init__(self, size: int):
+        self.residual = np.zeros(size, np.float32)
+        self.pending = False  # the residual may hold gradient not yet sent (until a full release)
+
+    def add(self, part: slice, gradient: np.ndarray) -> np.ndarray:
+        """m <- m + g on `part` of the sparsified region; returns m there (a view)."""
+        residual = self.residual[part]
+        residual += gradient
+        self.pending = True
+        return residual
+
+    def sent(self, indices: np.ndarray) -> None:
+        """m[sent] <- 0."""
+        self.residual[indices] = 0
+
+    def release(self, buffer: np.ndarray, part: Optional[slice] = None) -> None:
+        """Back to a dense exchange (for `part` of the sparsified region, else all of it): what was held back
+        is added to the buffer, which is then sent whole."""
+        if not self.pending:
+            return
+        whole = part is None
+        part = slice(0, self.residual.size) if whole else part
+        buffer[part] += self.residual[part]
+        self.residual[part] = 0
+        self.pending = not whole
+
+
+class MomentumCorrection:
+    """DGC's momentum correction: the exchange applies SGD momentum and the optimizer runs without it
+    (hvdtrain.exchange.optimizer_momentum). Each rank accumulates u <- mu u + g on the sparsified region
+    before error feedback and selection, so both work on u, and clears u where it was sent (momentum factor
+    masking). The dense tail gets ordinary momentum on its average, so its u is equal on every rank until a
+    rank joins with zeros: `sync` then restores it. With momentum 0 every method is a no-op."""
+
+    def __init__(self, momentum: float, total: int, split: int):
+        self.momentum, self.split = momentum, split
+        self.velocity = np.zeros(total if momentum else 0, np.float32)
+
+    def accelerate(self, buffer: np.ndarray, part: slice) -> np.ndarray:
+        """u <- mu u + buffer[part]; buffer[part] becomes u. Returns buffer[part]."""
+        if self.momentum:
+            velocity = self.velocity[part]
+            velocity *= self.momentum
+            velocity += buffer[part]
+            buffer[part] = velocity
+        return buffer[part]
+
+    def mask(self, indices: np.ndarray) -> None:
+        if self.momentum:
+            self.velocity[indices] = 0
+
+    def sync(self, comm: Collectives) -> None:
+        """Rank 0's dense-tail velocity on every rank (a collective: every rank calls it)."""
+        tail = self.velocity[self.split:]
+        if tail.size:
+            tail[:] = comm.broadcast(tail.copy(), 0, "exchange.velocity")
