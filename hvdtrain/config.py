@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hvdtrain.errors import ConfigError
 
@@ -61,14 +61,31 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, description="samples per rank per step")
     max_steps: Optional[int] = Field(None, gt=0, description="stop early after this many steps; "
                                      "does not change the learning-rate schedule")
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0, description="learning rate for one rank; scaled by world size")
-    momentum: float = Field(0.9, ge=0, lt=1)
+    # lars / lamb: layer-wise trust ratios for large global batches (hvdtrain.torch.optim, hvdtrain.tf.optim)
+    optimizer: Literal["sgd", "adam", "lars", "lamb"] = "sgd"
+    lr: float = Field(0.05, gt=0, description="learning rate for one rank; scaled with the number of ranks")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and lars")
     weight_decay: float = Field(0.0, ge=0)
-    scale_lr: bool = Field(True, description="multiply lr by the number of ranks (linear scaling rule)")
-    warmup_steps: int = Field(50, ge=0, description="ramp from lr to the scaled lr over these steps")
+    # linear: lr x ranks (Goyal et al., for SGD); sqrt: lr x sqrt(ranks) (the usual rule for Adam); none
+    scale_lr: Literal["linear", "sqrt", "none"] = "linear"
+    warmup_epochs: float = Field(3.0, ge=0, description="ramp from lr to the scaled lr over this many epochs "
+                                 "(a fixed span of data, so the ramp lengthens in steps as ranks grow)")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="the ramp in steps instead; overrides warmup_epochs")
     schedule: Literal["cosine", "constant"] = "cosine"
-    log_every: int = Field(10, gt=0, description="steps between train-loss averages")
+    log_every: int = Field(10, gt=0, description="steps between train-loss averages (and divergence checks)")
+    on_divergence: Literal["stop", "rollback"] = Field("stop", description="a non-finite loss, gradient norm "
+                                                       "or weight: stop (exit 3) or roll back to the last good "
+                                                       "checkpoint with a lower learning rate")
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="rollback: the learning rate is multiplied by this")
+    max_rollbacks: int = Field(3, ge=1, description="rollback: give up (exit 3) after this many")
+
+    @field_validator("scale_lr", mode="before")
+    @classmethod
+    def _boolean_scale_lr(cls, value: Any) -> Any:
+        """`true`/`false` from configs written before the rules had names: linear and none."""
+        if isinstance(value, bool):
+            return "linear" if value else "none"
+        return value
 
 
 class CheckpointConfig(_Section):

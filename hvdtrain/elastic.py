@@ -89,7 +89,7 @@ class ElasticSchedule:
             window, consumed = self.plan.elastic_round(state.epoch, state.position, world.rank, world.size)
             if window is None:
                 self._round = None
-                yield Tick(None, sync=False, epoch_end=True, checkpoint=True)
+                yield Tick(None, sync=True, epoch_end=True, checkpoint=True)
                 continue
             x, y = self.reader.read_window(window)
             b = self.batch

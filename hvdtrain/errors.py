@@ -16,3 +16,9 @@ class ConfigError(UserError):
     """Bad configuration or input data (exit code 2)."""
 
     exit_code = 2
+
+
+class DivergenceError(UserError):
+    """Training produced a non-finite loss, gradient norm or weight (exit code 3)."""
+
+    exit_code = 3

@@ -75,8 +75,8 @@ class FailureRelay:
 
     def __exit__(self, kind, exc, tb) -> bool:
         self._stop.set()
-        if exc is None or world.size == 1:
-            return False
+        if exc is None or world.size == 1 or (isinstance(exc, UserError) and exc.quiet):
+            return False  # (a quiet error: every rank saw the same cause, and rank 0 says it)
         if not is_collective_failure(exc):
             if world.rank != 0:
                 write_text(self.folder / f"rank-{world.rank}.txt", f"rank {world.rank} failed: {one_line(exc)}\n")

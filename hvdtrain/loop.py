@@ -1,8 +1,11 @@
 """The training loop, the one both framework adapters and both kinds of job run (framework-free).
 
 Every rank runs the same sequence of collectives: the exchange's gradient allreduce each step, one small
-allreduce per logging interval (train loss plus the stop vote), one per evaluation, one per checkpoint
-when ranks hold exchange state of their own, and the final digest gather. A rank-dependent branch around
+allreduce per logging interval (train loss, gradient norms, the stop vote and the divergence vote), one
+per evaluation, one per checkpoint when ranks hold exchange state of their own, and the final digest
+gather. The divergence vote rides on the interval's allreduce, and every checkpoint step is such an
+interval's end, so all ranks see a non-finite loss, gradient norm or weight at the same step and no
+checkpoint of non-finite weights is ever written. A rank-dependent branch around
 a collective would hang the job, so rank 0's private work (reading checkpoints, writing files) only ever
 feeds the others through a broadcast.
 
@@ -22,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterator, NamedTuple, Optional, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -30,10 +33,16 @@ from tqdm import tqdm
 from hvdtrain import checkpoints, runtime
 from hvdtrain.atomic import JsonlLog, write_json, write_text
 from hvdtrain.config import Config, to_yaml
-from hvdtrain.errors import ConfigError, UserError
+from hvdtrain.errors import ConfigError, DivergenceError, UserError
 from hvdtrain.faults import FaultInjector
 from hvdtrain.schedule import learning_rate
 from hvdtrain.world import world
+
+
+class StepResult(NamedTuple):
+    loss: float
+    grad_norm: float                    # of the averaged gradient (what the optimizer applies)
+    local_grad_norm: Optional[float]    # of this rank's own gradient; None where it is never formed apart
 
 
 class Adapter(Protocol):
@@ -48,13 +57,14 @@ class Adapter(Protocol):
     def broadcast_object(self, obj: Any, name: str) -> Any: ...
     def broadcast_state(self) -> None: ...
     def batches(self, rank_data, start_step: int, last_step: int) -> Iterator: ...
-    def train_step(self, batch, lr: float) -> float: ...
+    def train_step(self, batch, lr: float) -> StepResult: ...
     def eval_sums(self, rank_data) -> tuple[float, float, float]: ...
     def save(self, path: Path, meta: dict) -> None: ...
     def load(self, path: Path) -> dict: ...
     def exchange_state(self) -> dict[str, np.ndarray]: ...
     def load_exchange_state(self, state: dict[str, np.ndarray]) -> None: ...
     def weights_digest(self) -> str: ...
+    def weights_finite(self) -> bool: ...
     def stats(self) -> dict: ...
     def versions(self) -> dict: ...
 
@@ -119,8 +129,9 @@ class FixedSchedule:
         batches = self.adapter.batches(self.rank_data, progress.step, self.last_step)
         for done, batch in zip(range(progress.step + 1, self.last_step + 1), batches):
             epoch_end = done % self.steps_per_epoch == 0 or done == self.last_step
-            yield Tick(batch, sync=done % log_every == 0 or epoch_end, epoch_end=epoch_end,
-                       checkpoint=done % every == 0 and done != self.last_step)
+            checkpoint = done % every == 0 and done != self.last_step
+            yield Tick(batch, sync=done % log_every == 0 or epoch_end or checkpoint, epoch_end=epoch_end,
+                       checkpoint=checkpoint)
 
     def epochs_done(self, progress: Progress, tick: Optional[Tick] = None) -> int:
         return progress.step // self.steps_per_epoch
@@ -193,6 +204,80 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter, m
     return start
 
 
+class ProgressReport:
+    """Rank 0's progress. On a terminal, a tqdm bar; in a log file (a Slurm job's output, or any rank
+    under horovodrun/mpirun, whose output is piped), a plain line at most every `LOG_SECONDS`: a redrawn
+    bar would fill the log with fragments."""
+
+    LOG_SECONDS = 30.0
+
+    def __init__(self, total: Optional[int], initial: int, enabled: bool):
+        self.enabled, self.total = enabled, total
+        self.bar = (tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+                    if enabled and sys.stderr.isatty() else None)
+        self.last_line = time.perf_counter()
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def interval(self, step: int, values: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+        elif self.enabled and time.perf_counter() - self.last_line >= self.LOG_SECONDS:
+            self.last_line = time.perf_counter()
+            of = f"/{self.total}" if self.total else ""
+            self.write(f"step {step}{of}  " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        elif self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Interval:
+    """The steps since the last sync: sums of what the log reports, and whether any value was non-finite."""
+
+    def __init__(self, step: int):
+        self.first_step, self.count, self.nonfinite = step, 0, False
+        self.loss = self.grad_norm = self.local_grad_norm = 0.0
+        self.has_local = True
+
+    def add(self, result: StepResult) -> None:
+        self.count += 1
+        values = [result.loss, result.grad_norm] + ([result.local_grad_norm] if result.local_grad_norm is not None else [])
+        self.nonfinite |= not all(np.isfinite(values))
+        self.loss += result.loss
+        self.grad_norm += result.grad_norm
+        self.has_local = result.local_grad_norm is not None
+        self.local_grad_norm += result.local_grad_norm or 0.0
+
+    def values(self, stop: bool, weights_bad: bool) -> list[float]:
+        """This rank's part of the interval's allreduce (the same length on every rank)."""
+        n = max(1, self.count)
+        return [self.loss / n, float(stop), float(self.nonfinite or weights_bad), self.grad_norm / n,
+                self.local_grad_norm / n]
+
+    def agreed(self, totals: list[float], size: int) -> dict[str, float]:
+        means = {"loss": totals[0] / size, "grad_norm": totals[3] / size}
+        if self.has_local:
+            means["grad_norm_local"] = totals[4] / size  # mean over ranks of each rank's own norm
+        return means
+
+
+class Diverged(Exception):
+    """Raised out of the loop on every rank at the same step; Trainer.run stops or rolls back."""
+
+    def __init__(self, first_step: int, last_step: int, loss: float, grad_norm: float):
+        super().__init__(f"steps {first_step}..{last_step}")
+        self.first_step, self.last_step, self.loss, self.grad_norm = first_step, last_step, loss, grad_norm
+
+
 class Trainer:
     """The loop and its parts: the adapter (framework), the schedule (fixed or elastic), the metrics log,
     checkpoints, the stop request and the fault injector."""
@@ -210,6 +295,8 @@ class Trainer:
         self.train_loss, self.record, self.train_seconds = float("nan"), {}, 0.0
         self.stopped_by: Optional[str] = None
         self.failure: Optional[UserError] = None  # rank 0's, preparing the run directory
+        self.lr_scale, self.rollbacks = 1.0, 0
+        self.grad_norms: dict[str, float] = {}
         self.hosts: list[str] = []
 
     # start -------------------------------------------------------------------------------------
@@ -282,26 +369,32 @@ class Trainer:
             self._raise_if_failed(progress.exit_code)
             self.adapter.resync_exchange()
         self._enter(progress)
-        running_loss, running_count = 0.0, 0
+        interval = Interval(progress.step)
         interval_start, interval_samples = time.perf_counter(), 0
-        lr = learning_rate(self.cfg.train, progress.step, world.size, self.schedule.total_steps)
+        lr = self._lr(progress.step)
         for tick in self.schedule.ticks(progress):
             if tick.batch is not None:
                 self.fault.at_step(progress.step)
-                lr = learning_rate(self.cfg.train, progress.step, world.size, self.schedule.total_steps)
-                running_loss += self.adapter.train_step(tick.batch, lr)
-                running_count += 1
+                lr = self._lr(progress.step)
+                interval.add(self.adapter.train_step(tick.batch, lr))
                 interval_samples += self.cfg.train.batch_size * world.size
                 progress.step += 1
-                self.progress_bar.update(1)
+                self.progress_bar.step()
             stop_votes = 0.0
             if tick.sync:
-                # One allreduce carries the loss and whether any rank was asked to stop.
-                loss_sum, stop_votes = self.adapter.sum(
-                    [running_loss / max(1, running_count), float(self.stop.requested)], "log")
-                self.train_loss = loss_sum / world.size
-                running_loss, running_count = 0.0, 0
-                self.progress_bar.set_postfix(loss=f"{self.train_loss:.4f}", lr=f"{lr:.4g}")
+                weights_bad = (tick.checkpoint or tick.epoch_end) and not self.adapter.weights_finite()
+                # One allreduce: the interval's means, whether any rank was asked to stop, whether any diverged.
+                totals = self.adapter.sum(interval.values(self.stop.requested, weights_bad), "log")
+                stop_votes = totals[1]
+                means = interval.agreed(totals, world.size)
+                if totals[2] > 0:
+                    raise Diverged(interval.first_step + 1, progress.step, means["loss"], means["grad_norm"])
+                if interval.count:  # (an elastic epoch's end comes without a batch of its own)
+                    self.train_loss = means.pop("loss")
+                    self.grad_norms = means
+                    self.progress_bar.interval(progress.step, {"loss": self.train_loss, "lr": lr,
+                                                               "grad_norm": means["grad_norm"]})
+                interval = Interval(progress.step)
             if tick.epoch_end:
                 elapsed = time.perf_counter() - interval_start
                 self.train_seconds += elapsed
@@ -316,16 +409,64 @@ class Trainer:
                 self.stopped_by = self.stop.signal_name or "a signal to another rank"
                 return
 
+    def _lr(self, step: int) -> float:
+        return learning_rate(self.cfg.train, step, world.size, self.schedule.total_steps) * self.lr_scale
+
+    # divergence --------------------------------------------------------------------------------
+    def _last_good_checkpoint(self) -> Optional[Path]:
+        """Every checkpoint on disk is good: none is written past a non-finite value. The newest intact one."""
+        for path in reversed(checkpoints.existing(self.run_dir)):
+            if checkpoints.damage(path) is None:
+                return path
+        return None
+
+    def _after_divergence(self, diverged: Diverged) -> Progress:
+        """Stop with one line (exit 3), or roll every rank back to the last good checkpoint."""
+        what = f"train_loss {diverged.loss:.4g}, grad_norm {diverged.grad_norm:.4g}"
+        good = self._last_good_checkpoint() if world.is_root else None
+        if self.cfg.train.on_divergence == "rollback" and not self.schedule.elastic \
+                and self.rollbacks < self.cfg.train.max_rollbacks:
+            return self._roll_back(diverged, what)
+        why = ("" if self.cfg.train.on_divergence == "stop" else
+               f" after {self.rollbacks} rollback(s) (train.max_rollbacks)" if not self.schedule.elastic else
+               " (elastic jobs do not roll back)")
+        raise DivergenceError(f"training diverged in steps {diverged.first_step}..{diverged.last_step} ({what}){why}; "
+                              f"last good checkpoint: {good or 'none'}; lower train.lr, or set "
+                              "train.on_divergence=rollback", quiet=not world.is_root)
+
+    def _roll_back(self, diverged: Diverged, what: str) -> Progress:
+        start = Start()
+        if world.is_root:
+            good = self._last_good_checkpoint()
+            meta = self.adapter.load(good)
+            start = Start(int(meta["step"]), int(meta["epoch"]), str(good), int(meta["world_size"]))
+        start = self.adapter.broadcast_object(start, "rollback")
+        self.adapter.broadcast_state()
+        self._load_rank_state(Path(start.resumed_from), start.world_size)
+        self.rollbacks += 1
+        self.lr_scale *= self.cfg.train.rollback_lr_factor
+        if world.is_root:
+            _trim_metrics(self.metrics, start.step)
+            self.metrics.append({"step": start.step, "event": "rollback", "diverged_in": [diverged.first_step,
+                                 diverged.last_step], "value": what, "lr_scale": self.lr_scale})
+            self.progress_bar.write(f"diverged in steps {diverged.first_step}..{diverged.last_step} ({what}): rolled "
+                                    f"back to step {start.step}, learning rate x{self.lr_scale:g} (rollback "
+                                    f"{self.rollbacks} of {self.cfg.train.max_rollbacks})")
+        return self.schedule.progress(start.step, start.epoch)
+
     def _evaluate(self, progress, lr: float, samples_per_s: float) -> None:
         loss_total, correct, count = self.adapter.sum(list(self.adapter.eval_sums(self.schedule.eval_data())), "eval")
         self.record = {"step": progress.step, "epoch": self.schedule.epoch_number(progress),
                        "train_loss": self.train_loss, "test_loss": loss_total / count,
                        "test_accuracy": correct / count, "samples_per_s": samples_per_s, "lr": lr,
-                       "world_size": world.size, **self.adapter.stats()}
+                       "world_size": world.size, **self.grad_norms, **self.adapter.stats()}
+        if self.rollbacks:
+            self.record["rollbacks"] = self.rollbacks
         if world.is_root:
             self.metrics.append(self.record)
             ranks = f" on {world.size} rank(s)" if self.schedule.elastic else ""
             self.progress_bar.write(f"epoch {self.record['epoch']}: train_loss {self.train_loss:.4f}  "
+                                    f"grad_norm {self.record.get('grad_norm', float('nan')):.3g}  "
                                     f"test_loss {self.record['test_loss']:.4f}  test_accuracy "
                                     f"{self.record['test_accuracy']:.4f}  {samples_per_s:.0f} samples/s{ranks}")
 
@@ -340,11 +481,16 @@ class Trainer:
             start = self._start()
             progress = self.schedule.progress(start.step, start.epoch)
             self.adapter.broadcast_state()  # rank 0's state (fresh or resumed) becomes every rank's state
-        # In a batch job's log file, a bar redrawn every second is noise: redraw every 30 s there.
+            if self.cfg.train.on_divergence == "rollback" and start.resumed_from is None:
+                self._checkpoint(progress)  # the state a divergence before the first checkpoint rolls back to
         total = self.schedule.last_step if np.isfinite(self.schedule.last_step) else None
-        self.progress_bar = tqdm(total=total, initial=start.step, disable=not world.is_root, unit="step",
-                                 dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        self.schedule.run(self._train, progress)
+        self.progress_bar = ProgressReport(total, start.step, world.is_root)
+        while True:
+            try:
+                self.schedule.run(self._train, progress)
+                break
+            except Diverged as diverged:
+                progress = self._after_divergence(diverged)
         self.progress_bar.close()
 
         final_checkpoint = self._checkpoint(progress)
@@ -359,7 +505,7 @@ class Trainer:
             "steps": progress.step, "total_steps": self.schedule.total_steps,
             "global_batch": self.cfg.train.batch_size * world.size, "resumed_from": start.resumed_from,
             "final": self.record, "wall_seconds": time.perf_counter() - started,
-            "train_seconds": self.train_seconds,
+            "train_seconds": self.train_seconds, "rollbacks": self.rollbacks,
             "weights_digests": digests, "weights_identical": len(set(digests)) == 1,
             "checkpoint": str(final_checkpoint),
             "versions": {"python": platform.python_version(), **self.adapter.versions()},

@@ -36,6 +36,16 @@ FIXES = [
      "  global_ranks_.resize(size_);\n",
      "the gloo controller left its rank list empty (reserve, not resize), so the stall inspector never "
      "named a missing rank nor shut a stalled job down"),
+    ("horovod/common/util.py",
+     "            # Suppress output\n"
+     "            sys.stdout = open(os.devnull, 'w')\n",
+     "            # Suppress output, the native libraries' too: TensorFlow logs to file descriptor 2 as it loads\n"
+     "            devnull = os.open(os.devnull, os.O_WRONLY)\n"
+     "            os.dup2(devnull, 1)\n"
+     "            os.dup2(devnull, 2)\n"
+     "            sys.stdout = open(os.devnull, 'w')\n",
+     "horovodrun probes each framework in a forked process with Python's output muted, but TensorFlow's "
+     "C++ start-up messages (CUDA drivers, CPU features) still reached every job's log, PyTorch jobs' too"),
 ]
 
 

@@ -43,4 +43,15 @@ def test_lr_warms_up_to_the_scaled_rate_then_decays():
     assert learning_rate(cfg, 60, 4, 110) == pytest.approx(0.2)
     assert learning_rate(cfg, 110, 4, 110) == pytest.approx(0.0)
     flat = TrainConfig(lr=0.1, warmup_steps=0, schedule="constant", scale_lr=False)
-    assert learning_rate(flat, 50, 4, 110) == pytest.approx(0.1)
+    assert flat.scale_lr == "none" and learning_rate(flat, 50, 4, 110) == pytest.approx(0.1)
+
+
+def test_scaling_rules_and_a_warm_up_that_spans_epochs():
+    sqrt = TrainConfig(lr=0.1, scale_lr="sqrt", schedule="constant", warmup_epochs=0)
+    assert learning_rate(sqrt, 0, 4, 100) == pytest.approx(0.2)
+    assert TrainConfig(scale_lr=True).scale_lr == "linear"
+    # 2 warm-up epochs of 10: 4 ranks take 5 steps an epoch (20 in all) and 1 rank 20 (80 in all)
+    epochs = TrainConfig(lr=0.1, epochs=10, warmup_epochs=2, schedule="constant")
+    assert learning_rate(epochs, 5, 4, 50) == pytest.approx(0.25)  # half-way up at step 5 of 10
+    assert learning_rate(epochs, 10, 4, 50) == pytest.approx(0.4)
+    assert learning_rate(epochs, 10, 1, 200) == pytest.approx(0.1)

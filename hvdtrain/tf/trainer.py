@@ -23,6 +23,7 @@ from hvdtrain.data import Dataset
 from hvdtrain.atomic import atomic_open, atomic_path
 from hvdtrain.tf.data import train_dataset
 from hvdtrain.tf.exchange import COMPRESSORS, FlatExchange
+from hvdtrain.tf import optim
 from hvdtrain.tf.models import build
 from hvdtrain.world import world
 
@@ -30,9 +31,18 @@ keras = tf.keras
 
 
 def _optimizer(cfg: Config):
-    if cfg.train.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=cfg.train.lr)
-    return keras.optimizers.SGD(learning_rate=cfg.train.lr, momentum=exchange.optimizer_momentum(cfg))
+    t = cfg.train
+    if t.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=t.lr)
+    if t.optimizer == "lars":
+        return optim.Lars(learning_rate=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "lamb":
+        return optim.Lamb(learning_rate=t.lr, weight_decay=t.weight_decay)
+    return keras.optimizers.SGD(learning_rate=t.lr, momentum=exchange.optimizer_momentum(cfg))
+
+
+def _norm(grads) -> tf.Tensor:
+    return tf.linalg.global_norm(grads)
 
 
 class TensorFlowAdapter:
@@ -64,15 +74,18 @@ class TensorFlowAdapter:
             variables = self.model.trainable_variables
             compression = COMPRESSORS.get(self.cfg.compression.method, hvd.Compression.none)
             grads = hvd.DistributedGradientTape(tape, compression=compression).gradient(loss, variables)
+            local_norm = tf.constant(-1.0)  # averaged inside the tape: this rank's own norm is never seen
         else:
             variables = self.flat.variables
-            flat = self.flat.average(self.flat.flatten(tape.gradient(loss, variables)))
-            grads = self.flat.unflatten(flat)
+            local = self.flat.flatten(tape.gradient(loss, variables))
+            local_norm = tf.norm(local)
+            grads = self.flat.unflatten(self.flat.average(local))
         self._update(grads, variables)
-        return loss
+        return loss, _norm(grads), local_norm
 
     def _update(self, grads, variables) -> None:
-        if self.cfg.train.weight_decay:  # L2 in the gradient, as torch.optim.SGD's weight_decay
+        if self.cfg.train.weight_decay and self.cfg.train.optimizer not in ("lars", "lamb"):
+            # L2 in the gradient, as torch.optim.SGD's weight_decay (LARS and LAMB apply their own)
             grads = [g + self.cfg.train.weight_decay * v for g, v in zip(grads, variables)]
         self.optimizer.learning_rate.assign(self.lr)
         self.optimizer.apply_gradients(zip(grads, variables))
@@ -105,16 +118,18 @@ class TensorFlowAdapter:
         return iter(train_dataset(rank_data, start_step, last_step, self.sample_shape,
                                   prefetch=self.cfg.data.prefetch))
 
-    def train_step(self, batch, lr: float) -> float:
+    def train_step(self, batch, lr: float) -> loop.StepResult:
         self.lr.assign(lr)
         if self.flat is not None and self.flat.sparse:
             loss, flat = self._gradients(*batch)
-            self._apply(self.flat(flat))
-            return float(loss)
-        loss = float(self._step(*batch))
+            local_norm = float(np.linalg.norm(flat))
+            averaged = self.flat(flat)
+            self._apply(averaged)
+            return loop.StepResult(float(loss), float(np.linalg.norm(averaged)), local_norm)
+        loss, norm, local_norm = self._step(*batch)
         if self.flat is not None:
             self.flat.count_average()
-        return loss
+        return loop.StepResult(float(loss), float(norm), float(local_norm) if local_norm >= 0 else None)
 
     def eval_sums(self, rank_data) -> tuple[float, float, float]:
         loss_sum, correct, count = 0.0, 0.0, 0.0
@@ -140,6 +155,9 @@ class TensorFlowAdapter:
             for variable, key in zip(self.optimizer.variables, [k for k in keys if k.startswith("optimizer/")]):
                 variable.assign(state[key])
             return {k.split("/", 1)[1]: state[k].item() for k in keys if k.startswith("meta/")}
+
+    def weights_finite(self) -> bool:
+        return all(np.isfinite(w).all() for w in self.model.get_weights())
 
     def weights_digest(self) -> str:
         digest = hashlib.sha256()

@@ -19,6 +19,7 @@ from hvdtrain.config import Config
 from hvdtrain.data import Dataset
 from hvdtrain.torch.data import train_batches
 from hvdtrain.torch.exchange import COMPRESSORS, FlatExchange
+from hvdtrain.torch import optim
 from hvdtrain.torch.models import build
 from hvdtrain.world import world
 
@@ -27,6 +28,10 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "lars":
+        return optim.Lars(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "lamb":
+        return optim.Lamb(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=exchange.optimizer_momentum(cfg),
                            weight_decay=t.weight_decay)
 
@@ -71,7 +76,7 @@ class TorchAdapter:
     def batches(self, rank_data, start_step: int, last_step: int) -> Iterator:
         return train_batches(rank_data, start_step, last_step, self.cfg.data.workers, self.cfg.data.prefetch)
 
-    def train_step(self, batch, lr: float) -> float:
+    def train_step(self, batch, lr: float) -> loop.StepResult:
         x, y = (torch.as_tensor(part) for part in batch)  # NumPy batches (elastic rounds) without a copy
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -84,11 +89,19 @@ class TorchAdapter:
         loss.backward()
         computed = time.perf_counter()
         if self.flat is not None:
+            local_norm = float(torch.linalg.vector_norm(self.flat.buffer))
             self.flat()
-        self.optimizer.step()  # overlap: waits for the allreduces still in flight
+            norm = float(torch.linalg.vector_norm(self.flat.buffer))
+            self.optimizer.step()
+        else:  # overlap: the allreduces ran from backward's hooks, into the gradients themselves
+            local_norm = None
+            self.optimizer.synchronize()
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None]))
+            with self.optimizer.skip_synchronize():
+                self.optimizer.step()
         # where the step's time went, for `bench scaling` (overlap's exchange partly hides in backward)
         self.phase_seconds = {"forward_backward": computed - started, "update": time.perf_counter() - computed}
-        return loss.item()
+        return loop.StepResult(loss.item(), norm, local_norm)
 
     def eval_sums(self, rank_data) -> tuple[float, float, float]:
         loss_sum, correct, count = 0.0, 0.0, 0.0
@@ -137,6 +150,9 @@ class TorchAdapter:
         """After a resize: state the exchange keeps equal on every rank comes from rank 0 again."""
         if self.flat is not None:
             self.flat.on_resize()
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def weights_digest(self) -> str:
         digest = hashlib.sha256()
