@@ -81,7 +81,9 @@ def test_half_compressors_round_trip(x):
 
 
 CONFIG = str(REPO / "configs/digits-torch.yaml")
-SHORT = ["data.source=digits", "train.max_steps=40", "train.log_every=10", "compression.min_size=1000"]
+# SGD with momentum, as the compression methods were built for (momentum correction needs it)
+SGD = ["train.optimizer=sgd", "train.lr=0.05", "train.scale_lr=linear", "train.momentum=0.9", "train.warmup_steps=50"]
+SHORT = ["data.source=digits", "train.max_steps=40", "train.log_every=10", "compression.min_size=1000", *SGD]
 
 
 @pytest.mark.parametrize("method", ["fp16", "bf16", "topk", "shared_topk", "auto", "shared_topk+momentum"])
@@ -164,7 +166,7 @@ def test_overlap_refuses_what_it_cannot_send_in_one_line(method, tmp_path):
 def test_topk_with_error_feedback_matches_uncompressed_accuracy_on_digits(tmp_path):
     accuracy = {}
     for method in ("none", "topk"):
-        hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path / method), "data.source=digits",
+        hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path / method), "data.source=digits", *SGD,
                  f"compression.method={method}", np=2)
         summary = json.loads((tmp_path / method / "summary.json").read_text())
         accuracy[method] = summary["final"]["test_accuracy"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, hvdtrain
+from conftest import BIN, REPO, hvdtrain, run
 from hvdtrain.cli import main
 
 BAR = 0.97
@@ -64,16 +64,19 @@ def finite_checkpoints(run_dir) -> list[str]:
 
 def test_divergence_stops_with_one_line_and_leaves_only_finite_checkpoints(digits, tmp_path):
     config = str(REPO / "configs/digits-torch.yaml")
-    common = ["--config", config, "--run-dir", str(tmp_path), *digits, "checkpoint.every_steps=20"]
+    common = ["--config", config, "--run-dir", str(tmp_path), *digits, "checkpoint.every_steps=20",
+              "train.optimizer=sgd", "train.lr=0.05"]
     hvdtrain("train", *common, "train.max_steps=40", np=2)
     assert finite_checkpoints(tmp_path) == ["ckpt-00000020.pt", "ckpt-00000040.pt"]
     # Resumed at an absurd rate, with a checkpoint due every 5 steps and 2 kept: without the guard the
     # good checkpoints would be rotated out by NaN ones.
-    proc = hvdtrain("train", *common, "train.lr=1e8", "train.max_steps=200", "checkpoint.every_steps=5",
-                    "checkpoint.keep=2", np=2, check=False)
+    # mpirun passes a rank's exit code on (horovodrun reports any failure as 1)
+    proc = run(["mpirun", "-np", "2", "--oversubscribe", str(BIN / "hvdtrain"), "train", *common, "train.lr=1e8",
+                "train.max_steps=200", "checkpoint.every_steps=5", "checkpoint.keep=2"], check=False)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "training diverged in steps 41..45" in errors[0], proc.stderr[-2000:]
+    # 22 steps an epoch at 2 ranks: the epoch's end at step 44 comes before the checkpoint due at 45
+    assert len(errors) == 1 and "training diverged in steps 41..44" in errors[0], proc.stderr[-2000:]
     assert "last good checkpoint: " in errors[0] and "ckpt-00000040.pt" in errors[0]
     assert "Traceback" not in proc.stderr
     assert finite_checkpoints(tmp_path) == ["ckpt-00000020.pt", "ckpt-00000040.pt"]
@@ -81,13 +84,14 @@ def test_divergence_stops_with_one_line_and_leaves_only_finite_checkpoints(digit
 
 def test_rollback_recovers_from_a_learning_rate_too_large(digits, tmp_path):
     config = str(REPO / "configs/digits-torch.yaml")
-    proc = hvdtrain("train", "--config", config, "--run-dir", str(tmp_path), *digits, "train.lr=100",
-                    "train.on_divergence=rollback", "train.rollback_lr_factor=0.001", np=2)
+    proc = hvdtrain("train", "--config", config, "--run-dir", str(tmp_path), *digits, "train.optimizer=sgd",
+                    "train.scale_lr=none", "train.lr=1e5", "train.on_divergence=rollback",
+                    "train.rollback_lr_factor=1e-6", np=2)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rollbacks = [r for r in records if r.get("event") == "rollback"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     print(f"rollbacks: {rollbacks}; final accuracy {summary['final']['test_accuracy']:.4f}")
-    assert rollbacks and rollbacks[0]["lr_scale"] == pytest.approx(0.001), proc.stdout[-2000:]
+    assert rollbacks and rollbacks[0]["lr_scale"] == pytest.approx(1e-6), proc.stdout[-2000:]
     assert "rolled back to step 0" in proc.stdout
     assert summary["rollbacks"] == len(rollbacks) and summary["final"]["test_accuracy"] >= BAR
     finite_checkpoints(tmp_path)

@@ -11,7 +11,7 @@ from hvdtrain.cli import main
 from conftest import REPO, hvdtrain
 
 CONFIG = str(REPO / "configs/digits-tf.yaml")
-EXACT = ["data.source=digits", "model.name=mlp", "model.width=32", "train.scale_lr=false", "train.warmup_steps=0",
+EXACT = ["data.source=digits", "model.name=mlp", "model.width=32", "train.optimizer=sgd", "train.scale_lr=false", "train.warmup_steps=0",
          "train.schedule=constant", "train.lr=0.1", "train.log_every=5", "train.weight_decay=0"]
 
 

@@ -8,7 +8,7 @@ from conftest import REPO, hvdtrain
 
 CONFIG = str(REPO / "configs/digits-torch.yaml")
 # Plain SGD settings that make 2 ranks x batch b comparable with 1 rank x batch 2b.
-EXACT = ["data.source=digits", "model.name=mlp", "model.width=32", "train.scale_lr=false", "train.warmup_steps=0",
+EXACT = ["data.source=digits", "model.name=mlp", "model.width=32", "train.optimizer=sgd", "train.scale_lr=false", "train.warmup_steps=0",
          "train.schedule=constant", "train.lr=0.1", "train.log_every=5"]
 
 

@@ -30,7 +30,7 @@ METHODS = choices("compression.method")
 # milliseconds; 8 epochs (360 steps at 2 x 16) so accuracy compares modes after the same steps.
 RANKS, BATCH = 2, 16
 TRAIN = ["data.source=digits", "model.name=mlp", "model.width=2048", "model.depth=2", f"train.batch_size={BATCH}",
-         "train.epochs=8", "train.log_every=10",
+         "train.epochs=8", "train.log_every=10", "train.warmup_steps=50",
          "compression.auto_trial_steps=5", "compression.auto_recheck_every=1000"]
 
 
