@@ -17,7 +17,7 @@ def test_shipped_configs_validate():
 def test_overrides_are_typed_and_nested():
     cfg = config.load(str(REPO / "configs/digits-torch.yaml"),
                       ["train.batch_size=7", "model.name=mlp", "train.scale_lr=false", "data.synthetic_shape=[3,4]"])
-    assert cfg.train.batch_size == 7 and cfg.model.name == "mlp" and cfg.train.scale_lr is False
+    assert cfg.train.batch_size == 7 and cfg.model.name == "mlp" and cfg.train.scale_lr == "none"
     assert cfg.data.synthetic_shape == [3, 4]
 
 
