@@ -55,30 +55,30 @@ class World:
         """The initialised Horovod binding (horovod.torch or horovod.tensorflow), or None before."""
         return self._hvd
 
-    def _identity(self) -> tuple[int, int, int, int]:
+    def _ask(self, index: int, horovod_call: str) -> int:
+        """Field `index` of (rank, size, local rank, local size): from Horovod once it is up, else the launcher."""
         if self._hvd is not None:
-            hvd = self._hvd
             try:
-                return hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+                return getattr(self._hvd, horovod_call)()
             except ValueError:  # Horovod shut down (a failed job on its way out): the launcher still knows
                 pass
-        return launcher_identity() or (0, 1, 0, 1)
+        return (launcher_identity() or (0, 1, 0, 1))[index]
 
     @property
     def rank(self) -> int:
-        return self._identity()[0]
+        return self._ask(0, "rank")
 
     @property
     def size(self) -> int:
-        return self._identity()[1]
+        return self._ask(1, "size")
 
     @property
     def local_rank(self) -> int:
-        return self._identity()[2]
+        return self._ask(2, "local_rank")
 
     @property
     def local_size(self) -> int:
-        return self._identity()[3]
+        return self._ask(3, "local_size")
 
     @property
     def is_root(self) -> bool:

@@ -12,12 +12,12 @@ Horovod operations (`Collectives`) and drives one `Exchange`, which averages the
 No part keeps the number of ranks: an elastic job changes it while it runs (see `Collectives`).
 """
 from hvdtrain.exchange.auto import AutoPolicy, link_bandwidth, worth_compressing
-from hvdtrain.exchange.collectives import Collectives
-from hvdtrain.exchange.core import ByteCounter, Exchange
+from hvdtrain.exchange.collectives import Collectives, WorldCollectives
+from hvdtrain.exchange.core import ByteCounter, Exchange, FlatExchangeBase
 from hvdtrain.exchange.feedback import ErrorFeedback, MomentumCorrection
 from hvdtrain.exchange.layout import SPARSE_METHODS, layout, optimizer_momentum
 from hvdtrain.exchange.methods import AllgatherTopK, Dense, SharedTopK, density
 
 __all__ = ["AllgatherTopK", "AutoPolicy", "ByteCounter", "Collectives", "Dense", "ErrorFeedback", "Exchange",
-           "MomentumCorrection", "SPARSE_METHODS", "SharedTopK", "density", "layout", "link_bandwidth",
-           "optimizer_momentum", "worth_compressing"]
+           "FlatExchangeBase", "MomentumCorrection", "SPARSE_METHODS", "SharedTopK", "density", "layout", "link_bandwidth",
+           "optimizer_momentum", "worth_compressing", "WorldCollectives"]

@@ -5,6 +5,8 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
+from hvdtrain.world import world
+
 
 class Collectives(Protocol):
     """Horovod's operations on NumPy arrays (hvdtrain.torch.exchange, hvdtrain.tf.exchange).
@@ -31,3 +33,15 @@ class Collectives(Protocol):
     def broadcast(self, array: np.ndarray, root: int, name: str) -> np.ndarray: ...
 
     def maximum(self, array: np.ndarray, name: str) -> np.ndarray: ...
+
+
+class WorldCollectives:
+    """Base of both frameworks' Horovod collectives: rank and size read live from `world`."""
+
+    @property
+    def rank(self) -> int:
+        return world.rank
+
+    @property
+    def size(self) -> int:
+        return world.size

@@ -121,3 +121,23 @@ class Exchange:
         self.feedback.pending = bool(self.feedback.residual.any())
         if self.auto is not None:
             self.auto.restart(self.step)
+
+
+class FlatExchangeBase:
+    """What both frameworks' FlatExchange hand straight to their core `Exchange` (`self.core`)."""
+
+    core: Exchange
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    def state(self) -> dict[str, np.ndarray]:
+        """This rank's exchange state for a checkpoint (see Exchange.state)."""
+        return self.core.state()
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.core.load_state(state)
+
+    def on_resize(self) -> None:
+        """Elastic reset: every rank calls it once the job has its new size (see Exchange.on_resize)."""
+        self.core.on_resize()

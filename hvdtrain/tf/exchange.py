@@ -48,16 +48,8 @@ class BF16Compressor(FP16Compressor):
 COMPRESSORS = {"fp16": FP16Compressor, "bf16": BF16Compressor}
 
 
-class HorovodCollectives:
+class HorovodCollectives(exchange.WorldCollectives):
     """hvdtrain.exchange.Collectives over horovod.tensorflow (eager)."""
-
-    @property
-    def rank(self) -> int:
-        return world.rank
-
-    @property
-    def size(self) -> int:
-        return world.size
 
     def allreduce_async(self, array, name):
         np.copyto(array, hvd.allreduce(tf.constant(array), op=hvd.Average, name=name).numpy())
@@ -75,7 +67,7 @@ class HorovodCollectives:
         return hvd.allreduce(tf.constant(array), op=hvd.Max, name=name).numpy()
 
 
-class FlatExchange:
+class FlatExchange(exchange.FlatExchangeBase):
     """The model's gradients as one flat tensor, averaged over all ranks once per step."""
 
     def __init__(self, variables: list, cfg: CompressionConfig, momentum: float = 0.0):
@@ -121,17 +113,3 @@ class FlatExchange:
         buffer = np.array(flat)  # writable: the exchange averages it in place
         self.core(buffer)
         return buffer
-
-    def stats(self) -> dict:
-        return self.core.stats()
-
-    def state(self) -> dict[str, np.ndarray]:
-        """This rank's exchange state for a checkpoint (see hvdtrain.exchange.Exchange.state)."""
-        return self.core.state()
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.core.load_state(state)
-
-    def on_resize(self) -> None:
-        """Elastic reset: every rank calls it once the job has its new size (see Exchange.on_resize)."""
-        self.core.on_resize()

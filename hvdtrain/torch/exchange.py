@@ -50,16 +50,8 @@ class BF16Compressor(FP16Compressor):
 COMPRESSORS = {"fp16": FP16Compressor, "bf16": BF16Compressor}
 
 
-class HorovodCollectives:
+class HorovodCollectives(exchange.WorldCollectives):
     """hvdtrain.exchange.Collectives over horovod.torch; NumPy arrays are shared with tensors, not copied."""
-
-    @property
-    def rank(self) -> int:
-        return world.rank
-
-    @property
-    def size(self) -> int:
-        return world.size
 
     def allreduce_async(self, array, name):
         return hvd.allreduce_async_(torch.from_numpy(array), op=hvd.Average, name=name)
@@ -103,7 +95,7 @@ class BFloat16Gather:
 HALF_METHODS = {"fp16": HalfSum, "bf16": BFloat16Gather}
 
 
-class FlatExchange:
+class FlatExchange(exchange.FlatExchangeBase):
     """The model's gradients in one flat buffer, averaged over all ranks once per step by `hvdtrain.exchange`."""
 
     def __init__(self, model: torch.nn.Module, cfg: Optional[CompressionConfig] = None, momentum: float = 0.0):
@@ -133,17 +125,3 @@ class FlatExchange:
                 view.copy_(p.grad)
                 p.grad = view
         self.core(self.buffer.numpy())
-
-    def stats(self) -> dict:
-        return self.core.stats()
-
-    def state(self) -> dict[str, np.ndarray]:
-        """This rank's exchange state for a checkpoint (see hvdtrain.exchange.Exchange.state)."""
-        return self.core.state()
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.core.load_state(state)
-
-    def on_resize(self) -> None:
-        """Elastic reset: every rank calls it once the job has its new size (see Exchange.on_resize)."""
-        self.core.on_resize()
