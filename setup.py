@@ -22,6 +22,8 @@ setup(
         "onnxruntime",
         "ai-edge-litert",
         "numba",
+        "scipy",
+        "tensorboard",
     ],
     extras_require={
         "dev": ["pytest", "hypothesis", "spython"],

@@ -20,35 +20,40 @@ def _train(args: argparse.Namespace) -> int:
     from hvdtrain.world import world
 
     cfg = config.load(args.config, args.overrides)
-    dataset = data.Dataset(cfg.data, cfg.seed)
+    dataset = data.Dataset(cfg.data, cfg.seed, cfg.task)
     train = runtime.framework_trainer(cfg.framework)
     with faults.FailureRelay(Path(args.run_dir)):
         summary = train(cfg, dataset, Path(args.run_dir), args.resume)
     if world.is_root:
-        final = summary["final"]
+        headline = summary["headline"]
         print(f"run directory: {Path(args.run_dir).resolve()}  "
-              f"test_accuracy {final.get('test_accuracy', float('nan')):.4f}")
+              f"{headline} {summary['final'].get(headline, float('nan')):.4f}")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     from hvdtrain import config, data
 
+    from hvdtrain import models
+
     cfg = config.load(args.config, args.overrides)
-    dataset = data.Dataset(cfg.data, cfg.seed)
-    print(f"config ok: {cfg.framework}, model {cfg.model.name}, data {cfg.data.source} "
-          f"(samples {tuple(dataset.sample_shape)}, {dataset.num_classes} classes)")
+    dataset = data.Dataset(cfg.data, cfg.seed, cfg.task)
+    labels = (f"{dataset.num_classes} classes" if dataset.task.classes else f"targets {tuple(dataset.label_shape)}")
+    if cfg.task == "segmentation":
+        labels = f"masks {tuple(dataset.label_shape)}, {labels}"
+    print(f"config ok: {cfg.framework}, task {cfg.task}, model {models.source(cfg)}, data {cfg.data.source} "
+          f"(samples {tuple(dataset.sample_shape)} channels first, {labels})")
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
     from hvdtrain.quantize import stage
 
-    report = stage.run(Path(args.run_dir), args.format, args.calibration, args.max_accuracy_drop,
+    report = stage.run(Path(args.run_dir), args.format, args.calibration, args.max_metric_drop,
                        args.calibration_data, args.dynamic)
     for fmt in report["formats"]:
-        print(f"{fmt['format']}: {fmt['int8']['name']}: accuracy {fmt['fp32']['accuracy']:.4f} -> "
-              f"{fmt['int8']['accuracy']:.4f}, size x{fmt['size_ratio']:.2f}, batch-1 speed-up "
+        print(f"{fmt['format']}: {fmt['int8']['name']}: {report['metric']} {fmt['fp32']['score']:.4f} -> "
+              f"{fmt['int8']['score']:.4f}, size x{fmt['size_ratio']:.2f}, batch-1 speed-up "
               f"{fmt['speedup_b1']:.2f}x, batch-32 {fmt['speedup_b32']:.2f}x")
     print(f"report: {Path(args.run_dir) / 'quantize' / 'quantize_report.md'}")
     return 0
@@ -65,6 +70,22 @@ def _data_shard(args: argparse.Namespace) -> int:
     for split, shard_set in written.items():
         if shard_set is not None:
             print(f"wrote {Path(args.out) / split}: {shard_set.total} samples in {len(shard_set.shards)} shards")
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from hvdtrain import workloads
+
+    out = Path(args.out)
+    if args.kind == "deepcam":
+        height, width, channels = args.shape or (32, 48, 4)
+        written = workloads.write_deepcam(out, args.samples, args.test_samples, height, width, channels,
+                                          args.dtype, args.seed)
+    else:
+        written = workloads.write_cosmoflow(out, args.samples, args.test_samples, (args.shape or [16])[0],
+                                            args.per_file, args.seed)
+    print(f"wrote {out}: {written['train']} train and {written['test']} test samples of shape "
+          f"{tuple(written['sample'])} ({args.kind} layout)")
     return 0
 
 
@@ -193,12 +214,14 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", metavar="key=value")
     check.set_defaults(handler=_check)
 
-    quantize = sub.add_parser("quantize", help="int8 edge models (ONNX, TFLite) with an accuracy guard")
+    quantize = sub.add_parser("quantize", help="int8 edge models (ONNX, TFLite) with a metric guard")
     quantize.add_argument("--run-dir", required=True, help="a finished training run")
     quantize.add_argument("--format", choices=["auto", "onnx", "tflite", "both"], default="auto",
                           help="onnx for PyTorch runs, tflite for TensorFlow runs (auto/both: the run's own)")
     quantize.add_argument("--calibration", type=int, default=512, help="training samples for calibration")
-    quantize.add_argument("--max-accuracy-drop", type=float, default=0.5, help="in accuracy points")
+    quantize.add_argument("--max-metric-drop", "--max-accuracy-drop", dest="max_metric_drop", type=float,
+                          default=0.5, help="how much worse int8 may be on the run's headline metric: points "
+                                            "(x100) of accuracy or IoU, percent of fp32's mse/mae")
     quantize.add_argument("--calibration-data", help="calibrate on this shard set instead of the training data")
     quantize.add_argument("--dynamic", action="store_true", help="ONNX dynamic int8 (weights only) instead of static")
     quantize.set_defaults(handler=_quantize)
@@ -220,6 +243,17 @@ def parser() -> argparse.ArgumentParser:
     shard.add_argument("--synthetic-classes", type=int, default=10)
     shard.add_argument("--synthetic-count", type=int, default=10000)
     shard.set_defaults(handler=_data_shard)
+    synth = data_sub.add_parser("synth", help="write synthetic science data in real workloads' layouts "
+                                              "(DeepCAM segmentation, CosmoFlow regression)")
+    synth.add_argument("--kind", required=True, choices=["deepcam", "cosmoflow"])
+    synth.add_argument("--out", required=True, help="output directory (gets train/, test/ and, for deepcam, stats.h5)")
+    synth.add_argument("--samples", type=int, default=256, help="training samples")
+    synth.add_argument("--test-samples", type=int, default=64)
+    synth.add_argument("--shape", type=_shape, help="deepcam: H,W,C (default 32,48,4); cosmoflow: the volume's side (16)")
+    synth.add_argument("--dtype", default="float32", choices=["float16", "float32"], help="deepcam fields")
+    synth.add_argument("--per-file", type=int, default=8, help="cosmoflow: samples per file")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_data_synth)
     for name, handler, text in (("verify", _data_verify, "check checksums, schema, counts and labels"),
                                 ("inspect", _data_inspect, "summarise a shard set")):
         command = data_sub.add_parser(name, help=text)

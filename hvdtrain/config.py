@@ -17,10 +17,53 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+TASKS = ("classification", "regression", "segmentation")
+
+
 class ModelConfig(_Section):
-    name: Literal["mlp", "cnn", "resnet"] = "cnn"
-    width: int = Field(32, gt=0, description="channels (cnn/resnet) or hidden units (mlp)")
-    depth: int = Field(2, gt=0, description="hidden layers (mlp) or residual blocks (resnet)")
+    # The built-in zoo (hvdtrain.torch.models / hvdtrain.tf.models, one factory per name); `factory`
+    # replaces it with the user's own.
+    name: Literal["mlp", "cnn", "resnet", "unet", "cnn3d"] = "cnn"
+    width: int = Field(32, gt=0, description="channels (cnn/resnet/unet/cnn3d) or hidden units (mlp)")
+    depth: int = Field(2, gt=0, description="hidden layers (mlp), residual blocks (resnet) or "
+                                            "resolution levels (unet, cnn3d)")
+    factory: Optional[str] = Field(None, description="the user's model: 'package.module:function' or "
+                                   "'path/to/file.py:function', called with sample_shape, num_classes or "
+                                   "target_shape, and model.kwargs")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for model.factory")
+
+    @field_validator("factory")
+    @classmethod
+    def _entry_point(cls, value: Optional[str]) -> Optional[str]:
+        from hvdtrain.entrypoints import absolute
+
+        return None if value is None else absolute(value)
+
+
+class NormalizeConfig(_Section):
+    # Applied per batch after the samples are float32 and channels-first, per channel (axis 1).
+    method: Literal["none", "divide", "meanstd", "minmax"] = "none"
+    divisor: float = Field(255.0, gt=0, description="divide: x / divisor (255 for uint8 images)")
+    mean: Optional[list[float]] = Field(None, description="meanstd: per-channel means (or from stats_file)")
+    std: Optional[list[float]] = Field(None, description="meanstd: per-channel standard deviations")
+    min: Optional[list[float]] = Field(None, description="minmax: per-channel minima (or from stats_file)")
+    max: Optional[list[float]] = Field(None, description="minmax: per-channel maxima")
+    stats_file: Optional[str] = Field(None, description="an HDF5 file holding the per-channel statistics")
+    stats_keys: Optional[list[str]] = Field(None, description="its two datasets: default [mean, std] for "
+                                            "meanstd, [min, max] for minmax")
+
+    @model_validator(mode="after")
+    def _statistics_given(self) -> "NormalizeConfig":
+        pairs = {"meanstd": ("mean", "std"), "minmax": ("min", "max")}
+        if self.method in pairs:
+            first, second = pairs[self.method]
+            given = getattr(self, first) is not None and getattr(self, second) is not None
+            if not given and self.stats_file is None:
+                raise ValueError(f"method: {self.method} needs data.normalize.{first} and .{second}, or "
+                                 "data.normalize.stats_file")
+        if self.stats_keys is not None and len(self.stats_keys) != 2:
+            raise ValueError(f"stats_keys: two dataset names, got {self.stats_keys}")
+        return self
 
 
 class DataConfig(_Section):
@@ -37,6 +80,12 @@ class DataConfig(_Section):
     test: Optional[Union[str, list[str]]] = None
     x_key: str = "x"
     y_key: str = "y"
+    one_sample_per_file: bool = Field(False, description="hdf5: every file is one sample (no sample axis)")
+    layout: Literal["nchw", "nhwc"] = Field("nchw", description="where the channel axis of the stored "
+                                            "samples is: first (nchw, ncdhw) or last (nhwc, ndhwc)")
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    num_classes: Optional[int] = Field(None, gt=1, description="classes of classification/segmentation "
+                                       "labels; default: the largest label + 1, read from the files")
     tail: Literal["drop", "pad"] = Field("drop", description="the last partial global batch: "
                                          "drop it, or pad it by wrapping to the epoch's start")
     shuffle_buffer_mb: float = Field(64, gt=0, description="samples are shuffled within windows this big")
@@ -64,6 +113,9 @@ class TrainConfig(_Section):
     # lars / lamb: layer-wise trust ratios for large global batches (hvdtrain.torch.optim, hvdtrain.tf.optim)
     optimizer: Literal["sgd", "adam", "lars", "lamb"] = "sgd"
     lr: float = Field(0.05, gt=0, description="learning rate for one rank; scaled with the number of ranks")
+    loss: Optional[str] = Field(None, description="cross_entropy, mse, mae, or an entry point "
+                                "'module:function' / 'file.py:function' in the framework's own argument order "
+                                "(torch: outputs, targets; Keras: y_true, y_pred); default: the task's")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd and lars")
     weight_decay: float = Field(0.0, ge=0)
     # linear: lr x ranks (Goyal et al., for SGD); sqrt: lr x sqrt(ranks) (the usual rule for Adam); none
@@ -78,6 +130,18 @@ class TrainConfig(_Section):
                                                        "checkpoint with a lower learning rate")
     rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="rollback: the learning rate is multiplied by this")
     max_rollbacks: int = Field(3, ge=1, description="rollback: give up (exit 3) after this many")
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_name(cls, value: Optional[str]) -> Optional[str]:
+        from hvdtrain.entrypoints import absolute, is_entry_point
+        from hvdtrain.tasks import LOSSES
+
+        if value is None or value in LOSSES:
+            return value
+        if not is_entry_point(value):
+            raise ValueError(f"unknown loss {value!r} (use {', '.join(LOSSES)} or 'module:function')")
+        return absolute(value)
 
     @field_validator("scale_lr", mode="before")
     @classmethod
@@ -138,6 +202,10 @@ class CompressionConfig(_Section):
 
 class Config(_Section):
     framework: Literal["torch", "tensorflow"] = "torch"
+    # sets the labels' kind, the default loss and the default metrics (hvdtrain.tasks)
+    task: Literal[TASKS] = "classification"
+    metrics: Optional[list[str]] = Field(None, description="metrics on the held-out set, logged as test_NAME: "
+                                         "built-in names or entry points; default: the task's")
     seed: int = 42
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -154,6 +222,26 @@ class Config(_Section):
                    "sparse methods work on the flat gradient buffer")
             raise ValueError(f"horovod.gradient_exchange: overlap cannot run compression.method {method} ({why}); "
                              "use gradient_exchange flat or auto" + (", or fp16" if method == "bf16" else ""))
+        return self
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        from hvdtrain.entrypoints import absolute, is_entry_point
+        from hvdtrain.metrics import BUILTIN
+
+        if value is None:
+            return None
+        for name in value:
+            if name not in BUILTIN and not is_entry_point(name):
+                raise ValueError(f"unknown metric {name!r} (use {', '.join(BUILTIN)} or 'module:function')")
+        return [name if name in BUILTIN else absolute(name) for name in value]
+
+    @model_validator(mode="after")
+    def _task_fits_model_and_loss(self) -> "Config":
+        from hvdtrain import tasks
+
+        tasks.check_config(self)
         return self
 
     @model_validator(mode="after")

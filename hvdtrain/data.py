@@ -1,6 +1,8 @@
 """Training data for one rank: in-memory arrays or HDF5 shard sets (framework-free, no MPI).
 
 In-memory sources (digits, synthetic, npz) come from hvdtrain.sources, as `hvdtrain data shard` does.
+Samples are read as stored and converted per batch by hvdtrain.transform (float32, channels first,
+normalised); labels are checked against the task (hvdtrain.tasks) when they are read.
 
 The in-memory plan (BatchPlan) makes data-parallel training equal to single-process training with the global batch:
 each epoch draws one seeded permutation; global batch s is a contiguous slice of it and rank r
@@ -17,12 +19,14 @@ from typing import Iterator
 
 import numpy as np
 
+from hvdtrain import tasks
 from hvdtrain.config import DataConfig
 from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_set, verify
 from hvdtrain.shards.plan import Segment, ShardPlan, Window, eval_segments
 from hvdtrain.shards.reader import ShardReader, prefetched_batches
 from hvdtrain.sources import open_source
+from hvdtrain.transform import SampleTransform, model_shape
 
 EVAL_READ_BYTES = 16 << 20
 
@@ -39,14 +43,17 @@ class Arrays:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        return tuple(self.y_train.shape[1:])
 
-def load_arrays(cfg: DataConfig, seed: int) -> Arrays:
+
+def load_arrays(cfg: DataConfig, seed: int, task: str = "classification") -> Arrays:
     """The config's in-memory source, split and loaded: the samples `hvdtrain data shard` would write."""
     splits = open_source(cfg.source, cfg.test_fraction, seed, cfg.synthetic_shape, cfg.synthetic_classes,
-                         cfg.synthetic_samples, origin="data.source")
+                         cfg.synthetic_samples, origin="data.source", task=task)
     (x_train, y_train), (x_test, y_test) = splits["train"].arrays(), splits["test"].arrays()
-    return Arrays(x_train.astype(np.float32, copy=False), y_train, x_test.astype(np.float32, copy=False), y_test,
-                  splits["train"].num_classes)
+    return Arrays(x_train, y_train, x_test, y_test, splits["train"].num_classes)
 
 
 @dataclass(frozen=True)
@@ -86,31 +93,44 @@ def eval_indices(num_samples: int, rank: int, size: int) -> np.ndarray:
     return np.arange(rank, num_samples, size)
 
 
+EVAL_BATCH_BYTES = 16 << 20
+
+
 class InMemoryRankData:
-    """A rank's view of an in-memory data set (digits, synthetic, npz)."""
+    """A rank's view of an in-memory data set (digits, synthetic, npz, or arrays given to hvdtrain.fit)."""
 
     windows = None  # nothing for worker processes to read
 
-    def __init__(self, arrays: Arrays, plan: BatchPlan):
-        self.arrays, self.plan = arrays, plan
+    def __init__(self, arrays: Arrays, plan: BatchPlan, transform: SampleTransform):
+        self.arrays, self.plan, self.transform = arrays, plan, transform
         self.steps_per_epoch = plan.steps_per_epoch
 
     def batches(self, start_step: int, last_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for step in range(start_step, last_step):
             idx = self.plan.indices(*divmod(step, self.steps_per_epoch))
-            yield self.arrays.x_train[idx], self.arrays.y_train[idx]
+            yield self.transform(self.arrays.x_train[idx]), self.arrays.y_train[idx]
 
     def eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         idx = eval_indices(len(self.arrays.y_test), self.plan.rank, self.plan.size)
-        yield self.arrays.x_test[idx], self.arrays.y_test[idx]
+        sample_bytes = max(1, self.arrays.x_test[:1].nbytes * 4)
+        per_batch = max(1, EVAL_BATCH_BYTES // sample_bytes)
+        for start in range(0, max(len(idx), 1), per_batch):
+            part = idx[start:start + per_batch]
+            if len(part):
+                yield self.transform(self.arrays.x_test[part]), self.arrays.y_test[part]
 
 
 class ShardRankData:
     """A rank's view of HDF5 shard sets: planned windows of whole chunks, shuffled inside each window."""
 
-    def __init__(self, train: ShardSet, test: ShardSet, plan: ShardPlan):
-        self.train_reader, self.test_reader, self.plan = ShardReader(train), ShardReader(test), plan
+    def __init__(self, train: ShardReader, test: ShardReader, plan: ShardPlan, transform: SampleTransform):
+        self.train_reader, self.test_reader, self.plan, self.transform = train, test, plan, transform
         self.steps_per_epoch = plan.batches_per_rank
+
+    def read_window(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """A window's samples, converted, and labels (elastic rounds)."""
+        x, y = self.train_reader.read_window(window)
+        return self.transform(x), y
 
     def windows(self, start_step: int, last_step: int) -> list[Window]:
         """Windows covering steps [start_step, last_step), across epochs."""
@@ -126,9 +146,10 @@ class ShardRankData:
         """Cut a read window into the batches that fall in [start_step, last_step)."""
         b = self.plan.batch_size
         first_step = window.epoch * self.steps_per_epoch + window.first_batch
+        x = np.asarray(x)
         for i in range(len(y) // b):
             if start_step <= first_step + i < last_step:
-                yield x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]
+                yield self.transform(x[i * b:(i + 1) * b]), y[i * b:(i + 1) * b]
 
     def _step_of(self, window: Window) -> int:
         return window.epoch * self.steps_per_epoch + window.first_batch
@@ -138,40 +159,70 @@ class ShardRankData:
         batches = prefetched_batches(self.train_reader, windows, self.plan.batch_size,
                                      first_batch=lambda w: max(0, start_step - self._step_of(w)))
         # the last window may run past last_step
-        yield from itertools.islice(batches, last_step - start_step)
+        for x, y in itertools.islice(batches, last_step - start_step):
+            yield self.transform(x), y
 
     def eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         segments = eval_segments(self.test_reader.shard_set.counts, self.plan.rank, self.plan.size)
         per_read = max(1, EVAL_READ_BYTES // self.test_reader.shard_set.sample_bytes)
         for segment in segments:
             for start in range(segment.start, segment.stop, per_read):
-                yield self.test_reader.read([Segment(segment.shard, start, min(segment.stop, start + per_read))])
+                x, y = self.test_reader.read([Segment(segment.shard, start, min(segment.stop, start + per_read))])
+                yield self.transform(x), y
 
 
 class Dataset:
-    """Data opened and checked before any rank starts Horovod; `for_rank` plans one rank's share."""
+    """Data opened and checked before any rank starts Horovod; `for_rank` plans one rank's share.
 
-    def __init__(self, cfg: DataConfig, seed: int):
-        self.cfg, self.seed = cfg, seed
-        if cfg.source == "hdf5":
-            self.train = open_set(cfg.train, cfg.x_key, cfg.y_key, "train", origin="data.train")
-            self.test = open_set(cfg.test, cfg.x_key, cfg.y_key, "test", origin="data.test")
-            if (self.train.sample_shape, self.train.x_dtype) != (self.test.sample_shape, self.test.x_dtype):
-                raise ConfigError(f"data.test: samples {self.test.sample_shape} {self.test.x_dtype} disagree "
-                                  f"with data.train ({self.train.sample_shape} {self.train.x_dtype})")
+    sample_shape is what the model sees (channels first); label_shape is per sample: () for a class id,
+    the spatial shape for a segmentation mask, the targets' shape for regression."""
+
+    def __init__(self, cfg: DataConfig, seed: int, task: str = "classification", arrays: Arrays | None = None):
+        self.cfg, self.seed, self.task = cfg, seed, tasks.get(task)
+        hint = ""
+        if arrays is not None or cfg.source != "hdf5":
+            self.arrays = arrays if arrays is not None else load_arrays(cfg, seed, task)
+            stored, x_dtype, self.label_shape = self.arrays.sample_shape, self.arrays.x_train.dtype, self.arrays.label_shape
+            found_classes, origin = self.arrays.num_classes, f"data.source {cfg.source}" if arrays is None else "data"
+        else:
+            count = self.task.classes and cfg.num_classes is None
+            sets = [open_set(spec, cfg.x_key, cfg.y_key, split, origin=f"data.{split}", one_sample=cfg.one_sample_per_file,
+                             count_classes=count) for split, spec in (("train", cfg.train), ("test", cfg.test))]
+            self.train, self.test = sets
+            if (self.train.sample_shape, self.train.x_dtype, self.train.label_shape) != \
+                    (self.test.sample_shape, self.test.x_dtype, self.test.label_shape):
+                raise ConfigError(f"data.test: samples {self.test.sample_shape} {self.test.x_dtype} / labels "
+                                  f"{self.test.label_shape} disagree with data.train ({self.train.sample_shape} "
+                                  f"{self.train.x_dtype} / {self.train.label_shape})")
             if cfg.verify:
                 verify(self.train)
                 verify(self.test)
-            self.sample_shape = self.train.sample_shape
-            self.num_classes = max(self.train.num_classes, self.test.num_classes)
-        else:
-            self.arrays = load_arrays(cfg, seed)
-            self.sample_shape, self.num_classes = self.arrays.sample_shape, self.arrays.num_classes
+            stored, x_dtype, self.label_shape = self.train.sample_shape, self.train.x_dtype, self.train.label_shape
+            found_classes, origin = max(self.train.num_classes, self.test.num_classes), "data.train"
+            if not cfg.one_sample_per_file:
+                hint = "; if each file holds one sample, set data.one_sample_per_file=true"
+        if cfg.layout == "nchw" and self.task.name == "segmentation" and self.label_shape == tuple(stored[:-1]):
+            hint += "; if the channels are last, set data.layout=nhwc"
+        tasks.check_shapes(self.task, model_shape(stored, cfg.layout), self.label_shape, origin, hint)
+        self.transform = SampleTransform(cfg, stored, x_dtype, origin="data")
+        self.sample_shape = self.transform.sample_shape
+        self.num_classes = 0
+        if self.task.classes:
+            self.num_classes = cfg.num_classes or found_classes
+            if found_classes > self.num_classes:
+                raise ConfigError(f"data.num_classes: {self.num_classes}, but the labels go up to {found_classes - 1}")
+            if self.num_classes < 2:
+                raise ConfigError(f"{origin}: every label is 0; {self.task.name} needs at least 2 classes")
+
+    def readers(self) -> tuple[ShardReader, ShardReader]:
+        return (ShardReader(self.train, self.task.name, self.num_classes),
+                ShardReader(self.test, self.task.name, self.num_classes))
 
     def for_rank(self, batch_size: int, rank: int, size: int):
-        if self.cfg.source != "hdf5":
-            return InMemoryRankData(self.arrays, BatchPlan(len(self.arrays.y_train), batch_size, rank, size, self.seed))
+        if not hasattr(self, "train"):
+            return InMemoryRankData(self.arrays, BatchPlan(len(self.arrays.y_train), batch_size, rank, size, self.seed),
+                                    self.transform)
         window_batches = max(1, int(self.cfg.shuffle_buffer_mb * 2**20) // (batch_size * self.train.sample_bytes))
         plan = ShardPlan(self.train.counts, self.train.block_samples(), batch_size, rank, size, self.seed,
                          tail=self.cfg.tail, window_batches=window_batches)
-        return ShardRankData(self.train, self.test, plan)
+        return ShardRankData(*self.readers(), plan, self.transform)

@@ -48,7 +48,7 @@ class ElasticSchedule:
         self.cfg, self.dataset, self.adapter = cfg, dataset, adapter
         self.batch = cfg.train.batch_size
         whole = dataset.for_rank(self.batch, 0, 1)  # the epoch stream and reader, independent of the size
-        self.plan, self.reader = whole.plan, whole.train_reader
+        self.plan, self.whole = whole.plan, whole
         self.state = None
         self.last_step = cfg.train.max_steps or float("inf")
         self.audit = SampleAudit(run_dir) if cfg.data.audit else None
@@ -91,7 +91,7 @@ class ElasticSchedule:
                 self._round = None
                 yield Tick(None, sync=True, epoch_end=True, checkpoint=True)
                 continue
-            x, y = self.reader.read_window(window)
+            x, y = self.whole.read_window(window)
             b = self.batch
             count = int(min(len(y) // b, self.last_step - state.step))
             self._round = (window, consumed, count)

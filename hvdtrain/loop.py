@@ -30,11 +30,13 @@ from typing import Any, Iterator, NamedTuple, Optional, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from hvdtrain import checkpoints, runtime
+from hvdtrain import checkpoints, runtime, tasks
 from hvdtrain.atomic import JsonlLog, write_json, write_text
 from hvdtrain.config import Config, to_yaml
 from hvdtrain.errors import ConfigError, DivergenceError, UserError
 from hvdtrain.faults import FaultInjector
+from hvdtrain.metrics import MetricSet
+from hvdtrain.tensorboard import TensorBoard
 from hvdtrain.schedule import learning_rate
 from hvdtrain.world import world
 
@@ -58,7 +60,8 @@ class Adapter(Protocol):
     def broadcast_state(self) -> None: ...
     def batches(self, rank_data, start_step: int, last_step: int) -> Iterator: ...
     def train_step(self, batch, lr: float) -> StepResult: ...
-    def eval_sums(self, rank_data) -> tuple[float, float, float]: ...
+    def eval_sums(self, rank_data, metrics: MetricSet) -> list[float]:
+        """[loss sum, sample count, *metrics' sums] over this rank's share of the test set."""
     def save(self, path: Path, meta: dict) -> None: ...
     def load(self, path: Path) -> dict: ...
     def exchange_state(self) -> dict[str, np.ndarray]: ...
@@ -290,6 +293,8 @@ class Trainer:
         else:
             self.schedule = FixedSchedule(cfg, dataset, adapter)
         self.metrics = JsonlLog(run_dir / "metrics.jsonl")
+        self.scores = MetricSet(tasks.metric_names(cfg), dataset.num_classes)
+        self.tensorboard = TensorBoard(run_dir / "tensorboard") if world.is_root else None
         self.stop = StopRequest()
         self.fault = FaultInjector()
         self.train_loss, self.record, self.train_seconds = float("nan"), {}, 0.0
@@ -455,20 +460,24 @@ class Trainer:
         return self.schedule.progress(start.step, start.epoch)
 
     def _evaluate(self, progress, lr: float, samples_per_s: float) -> None:
-        loss_total, correct, count = self.adapter.sum(list(self.adapter.eval_sums(self.schedule.eval_data())), "eval")
+        # one allreduce: the loss, the count and every metric's sums, the same length on every rank
+        totals = self.adapter.sum(self.adapter.eval_sums(self.schedule.eval_data(), self.scores), "eval")
+        scores = self.scores.values(totals[2:])
         self.record = {"step": progress.step, "epoch": self.schedule.epoch_number(progress),
-                       "train_loss": self.train_loss, "test_loss": loss_total / count,
-                       "test_accuracy": correct / count, "samples_per_s": samples_per_s, "lr": lr,
+                       "train_loss": self.train_loss, "test_loss": totals[0] / max(totals[1], 1), **scores,
+                       "samples_per_s": samples_per_s, "lr": lr,
                        "world_size": world.size, **self.grad_norms, **self.adapter.stats()}
         if self.rollbacks:
             self.record["rollbacks"] = self.rollbacks
         if world.is_root:
             self.metrics.append(self.record)
+            self.tensorboard.write(progress.step, self.record)
             ranks = f" on {world.size} rank(s)" if self.schedule.elastic else ""
+            shown = "  ".join(f"{name} {value:.4f}" for name, value in scores.items())
             self.progress_bar.write(f"epoch {self.record['epoch']}: train_loss {self.train_loss:.4f}  "
                                     f"grad_norm {self.record.get('grad_norm', float('nan')):.3g}  "
-                                    f"test_loss {self.record['test_loss']:.4f}  test_accuracy "
-                                    f"{self.record['test_accuracy']:.4f}  {samples_per_s:.0f} samples/s{ranks}")
+                                    f"test_loss {self.record['test_loss']:.4f}  {shown}  "
+                                    f"{samples_per_s:.0f} samples/s{ranks}")
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -492,6 +501,8 @@ class Trainer:
             except Diverged as diverged:
                 progress = self._after_divergence(diverged)
         self.progress_bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
         final_checkpoint = self._checkpoint(progress)
         if self.stopped_by and world.is_root:
@@ -499,7 +510,8 @@ class Trainer:
                   flush=True)
         digests = self.adapter.gather_object(self.adapter.weights_digest(), "weights_digest")
         summary = {
-            "framework": self.adapter.framework, "status": "stopped" if self.stopped_by else "completed",
+            "framework": self.adapter.framework, "task": self.cfg.task, "headline": tasks.headline(self.cfg),
+            "status": "stopped" if self.stopped_by else "completed",
             "stopped_by": self.stopped_by, "world_size": world.size, "elastic": self.schedule.elastic,
             "resets": self.schedule.resets, "hosts": self.hosts, "threads_per_rank": self.threads,
             "steps": progress.step, "total_steps": self.schedule.total_steps,

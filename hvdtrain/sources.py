@@ -31,8 +31,10 @@ class Source:
     count: int
     sample_shape: tuple[int, ...]
     x_dtype: np.dtype
-    num_classes: int
+    num_classes: int  # 0 for regression targets
     read: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+    label_shape: tuple[int, ...] = ()
+    y_dtype: np.dtype = np.dtype(np.int64)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Every sample, in memory."""
@@ -56,23 +58,31 @@ def _test_count(n: int, test_fraction: float, origin: str) -> int:
     return n_test
 
 
-def checked(x: np.ndarray, y: np.ndarray, origin: str) -> tuple[np.ndarray, np.ndarray]:
-    """A user's arrays as samples and int64 labels; grey images (N, H, W) get a channel axis."""
-    if x.ndim == 0 or y.ndim != 1:
+def checked(x: np.ndarray, y: np.ndarray, origin: str, task: str = "classification") -> tuple[np.ndarray, np.ndarray]:
+    """A user's arrays as samples and labels the task allows (int64 classes, float32 targets); grey images
+    (N, H, W) get a channel axis."""
+    from hvdtrain import tasks
+
+    kind = tasks.get(task)
+    if x.ndim == 0 or y.ndim == 0 or (task == "classification" and y.ndim != 1):
         raise ConfigError(f"{origin}: x must hold samples along its first axis and y one label per sample "
                           f"(x has shape {x.shape}, y {y.shape})")
     if len(x) != len(y):
         raise ConfigError(f"{origin}: x has {len(x)} samples but y has {len(y)}")
     if len(y) < 2:
         raise ConfigError(f"{origin}: needs at least 2 samples, found {len(y)}")
+    if not kind.classes:
+        if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)):
+            raise ConfigError(f"{origin}: regression targets y must be finite numbers, found {y.dtype}")
+        return x, y.astype(np.float32, copy=False)
     if not np.issubdtype(y.dtype, np.integer):
         whole = np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))
         if not whole:
             raise ConfigError(f"{origin}: labels y must be integers (class ids), found {y.dtype}")
     if y.min() < 0:
         raise ConfigError(f"{origin}: negative label {y.min():g} in y; labels are class ids 0, 1, ...")
-    if x.ndim == 3:
-        x = x[:, None]  # grey images without a channel axis
+    if x.ndim == 3 and (y.ndim == 1 or x.shape == y.shape):
+        x = x[:, None]  # grey images (or fields) without a channel axis
     return x, y.astype(np.int64)
 
 
@@ -86,6 +96,9 @@ def split_indices(y: np.ndarray, test_fraction: float, seed: int, origin: str) -
 
     ids = np.arange(len(y))
     n_test = _test_count(len(y), test_fraction, origin)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):  # masks, targets: nothing to stratify by
+        train, test = train_test_split(ids, test_size=test_fraction, random_state=seed)
+        return train, test
     classes, counts = np.unique(y, return_counts=True)
     smallest = int(np.argmin(counts))
     if counts[smallest] < 2:
@@ -104,14 +117,15 @@ def split_indices(y: np.ndarray, test_fraction: float, seed: int, origin: str) -
 def _indexed(x: np.ndarray, y: np.ndarray, ids: np.ndarray, num_classes: int) -> Source:
     """The samples x[ids], gathered per read (x may be memory-mapped)."""
     return Source(len(ids), tuple(x.shape[1:]), x.dtype, num_classes,
-                  lambda a, b: (np.asarray(x[ids[a:b]]), y[ids[a:b]]))
+                  lambda a, b: (np.asarray(x[ids[a:b]]), y[ids[a:b]]), tuple(y.shape[1:]), y.dtype)
 
 
-def array_splits(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, origin: str) -> Splits:
+def array_splits(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, origin: str,
+                 task: str = "classification") -> Splits:
     """A user's arrays, checked and split into train and test."""
-    x, y = checked(x, y, origin)
+    x, y = checked(x, y, origin, task)
     train, test = split_indices(y, test_fraction, seed, origin)
-    num_classes = int(y.max()) + 1
+    num_classes = int(y.max()) + 1 if np.issubdtype(y.dtype, np.integer) else 0
     return {"train": _indexed(x, y, train, num_classes), "test": _indexed(x, y, test, num_classes)}
 
 
@@ -202,7 +216,8 @@ def load_npy_pairs(directory: Path, origin: str) -> tuple[np.ndarray, np.ndarray
 
 
 def open_source(spec: str, test_fraction: float, seed: int, synthetic_shape: Sequence[int] = (1, 8, 8),
-                synthetic_classes: int = 10, synthetic_count: int = 2048, origin: str = "data.source") -> Splits:
+                synthetic_classes: int = 10, synthetic_count: int = 2048, origin: str = "data.source",
+                task: str = "classification") -> Splits:
     """The train and test splits of `spec`; `origin` names the setting in error messages."""
     if spec == "digits":
         return digits(test_fraction, seed, origin)
@@ -216,4 +231,4 @@ def open_source(spec: str, test_fraction: float, seed: int, synthetic_shape: Seq
         x, y = load_npy_pairs(path, origin)
     else:
         raise ConfigError(f"{origin}: {spec!r}: use {SPECS}")
-    return array_splits(x, y, test_fraction, seed, f"{origin}: {path}")
+    return array_splits(x, y, test_fraction, seed, f"{origin}: {path}", task)

@@ -134,7 +134,14 @@ if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
     echo "$check" | grep -q "\[X\] NCCL" || die "HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS but Horovod has no NCCL"
 fi
 
-# 5. Every installed package has what it requires: a missing dependency fails here, not at import time.
+# 5. Every process started from the venv selects tf-keras (Keras 2) before TensorFlow loads: Horovod 0.28.1's
+#    TensorFlow bindings fail under Keras 3 (SyncBatchNormalization's `fused`, `.ref()` on Keras 3 variables),
+#    in users' own Horovod scripts too, not only in hvdtrain's processes. A .pth file runs at interpreter
+#    start; a value the user exported wins.
+site_dir="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "import os; os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')" > "$site_dir/hvdtrain-tf-keras.pth"
+
+# 6. Every installed package has what it requires: a missing dependency fails here, not at import time.
 "$PY" -m pip check --disable-pip-version-check 2> >(grep -v "is ignored: it is neither" >&2) \
     || die "pip check: missing or conflicting packages (listed above)"
 log "ready: $VENV"

@@ -50,11 +50,11 @@ def run(out: Path | None) -> dict:
             print(f"bench quantize: quantizing {name} ...", flush=True)
             _run([hvdtrain, "quantize", "--run-dir", str(run_dir), "--format", "onnx"])
             fmt = json.loads((run_dir / "quantize/quantize_report.json").read_text())["formats"][0]
-            results[name] = {k: fmt[k] for k in ("size_ratio", "accuracy_drop_points", "speedup_b1", "speedup_b32")}
+            results[name] = {k: fmt[k] for k in ("size_ratio", "metric_drop", "speedup_b1", "speedup_b32")}
             results[name].update({"fp32": fmt["fp32"], "int8": fmt["int8"]})
             size_verdict = targets.check(f"{name} int8 / fp32 size", fmt["size_ratio"], "<=", 0.27)
-            print(f"{name:18s} size x{fmt['size_ratio']:.3f} {size_verdict}  accuracy {fmt['fp32']['accuracy']:.4f}"
-                  f" -> {fmt['int8']['accuracy']:.4f} ({fmt['accuracy_drop_points']:+.2f} pt drop)  batch-1 "
+            print(f"{name:18s} size x{fmt['size_ratio']:.3f} {size_verdict}  accuracy {fmt['fp32']['score']:.4f}"
+                  f" -> {fmt['int8']['score']:.4f} ({fmt['metric_drop']:+.2f} pt drop)  batch-1 "
                   f"{fmt['fp32']['latency_ms_b1']:.3f} -> {fmt['int8']['latency_ms_b1']:.3f} ms "
                   f"({fmt['speedup_b1']:.2f}x), batch-32 {fmt['speedup_b32']:.2f}x", flush=True)
     results["targets"] = targets.checked

@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = Config.model_validate({"model": {"name": args.model, "width": args.width, "depth": args.depth},
                                  "train": {"lr": 0.01, "momentum": 0.9, "batch_size": args.batch_size}})
     if args.mode.startswith("horovod"):
-        from hvdtrain.torch.trainer import TorchAdapter, start_horovod
+        from hvdtrain.torch.trainer import TorchAdapter, build_model, start_horovod
 
         if args.mode == "horovod":
             start_horovod(cfg)
@@ -52,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
             cfg.horovod.gradient_exchange = "overlap"
             hvd.init()
             world.attach(hvd)
-        adapter = TorchAdapter(cfg, shape, 10)
+        adapter = TorchAdapter(cfg, build_model(cfg, shape, 10))
         adapter.broadcast_state()
         model = adapter.model
 
@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
             adapter.train_step((x, y), lr)
             return adapter.phase_seconds["forward_backward"], adapter.phase_seconds["update"]
     else:
-        from hvdtrain.torch.models import build
+        from hvdtrain import models
 
         if args.mode == "ddp" and world.size > 1:
             # under srun there is no torchrun: the rendezvous comes from Slurm's variables
@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
             os.environ.setdefault("WORLD_SIZE", str(world.size))
             torch.distributed.init_process_group("gloo")
         torch.manual_seed(cfg.seed)
-        model = build(cfg.model, shape, 10)
+        model = models.build(cfg, shape, 10, ())
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         if args.mode == "ddp" and world.size > 1:
             model = torch.nn.parallel.DistributedDataParallel(model)

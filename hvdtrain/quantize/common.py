@@ -9,11 +9,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from hvdtrain import checkpoints
+from hvdtrain import checkpoints, tasks
 from hvdtrain.config import Config, load
 from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError
 from hvdtrain.atomic import write_json, write_text
+from hvdtrain.metrics import MetricSet
 
 
 @dataclass
@@ -23,14 +24,16 @@ class Inputs:
     y_test: np.ndarray
     sample_shape: tuple[int, ...]
     num_classes: int
+    label_shape: tuple[int, ...] = ()
+    metric: str = "accuracy"      # the run's headline metric, which the guard compares
 
 
 @dataclass
 class Candidate:
     name: str                     # e.g. "static int8 (MinMax)"
     path: Path
-    accuracy: float = 0.0
-    agreement: float = 0.0        # share of test predictions equal to fp32's
+    score: float = 0.0            # the headline metric on the test set
+    agreement: Optional[float] = None  # share of predicted classes (samples or pixels) equal to fp32's
     kept_in_float: list[str] = field(default_factory=list)
 
 
@@ -51,11 +54,11 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 def inputs(cfg: Config, calibration: int, calibration_data: Optional[str]) -> Inputs:
     """Calibration samples from the training data (shuffled as training reads it), and the test set."""
-    dataset = Dataset(cfg.data, cfg.seed)
+    dataset = Dataset(cfg.data, cfg.seed, cfg.task)
     calibration_set = dataset
     if calibration_data:
         calibration_set = Dataset(cfg.data.model_copy(update={"source": "hdf5", "train": calibration_data,
-                                                              "test": calibration_data}), cfg.seed)
+                                                              "test": calibration_data}), cfg.seed, cfg.task)
     batch = min(64, calibration)
     train_view = calibration_set.for_rank(batch, 0, 1)
     parts = []
@@ -65,13 +68,32 @@ def inputs(cfg: Config, calibration: int, calibration_data: Optional[str]) -> In
             break
     xs, ys = zip(*dataset.for_rank(1, 0, 1).eval_batches())
     return Inputs(np.concatenate(parts)[:calibration], np.concatenate(xs).astype(np.float32), np.concatenate(ys),
-                  tuple(dataset.sample_shape), dataset.num_classes)
+                  tuple(dataset.sample_shape), dataset.num_classes, tuple(dataset.label_shape),
+                  tasks.headline(cfg).removeprefix("test_"))
 
 
-def accuracy(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
-             batch: int = 256) -> tuple[float, np.ndarray]:
-    labels = np.concatenate([predict(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
-    return float(np.mean(labels == y)), labels
+def score(predict: Callable[[np.ndarray], np.ndarray], inputs: Inputs, class_axis: int = 1,
+          batch: int = 64) -> tuple[float, Optional[np.ndarray]]:
+    """The headline metric of `predict` on the test set, and its predicted classes (None for regression).
+    class_axis: where the model's outputs keep the classes (TFLite segmentation: last)."""
+    metric = MetricSet([inputs.metric], inputs.num_classes)
+    totals, predicted = metric.zeros(), []
+    for i in range(0, len(inputs.x_test), batch):
+        outputs = predict(inputs.x_test[i:i + batch])
+        if inputs.num_classes:
+            outputs = np.moveaxis(outputs, class_axis, 1)
+            predicted.append(outputs.argmax(1))
+        totals += metric.sums(outputs, inputs.y_test[i:i + batch])
+    value = next(iter(metric.values(totals).values()))
+    return value, (np.concatenate(predicted) if predicted else None)
+
+
+def drop(inputs: Inputs, fp32: float, int8: float) -> float:
+    """How much worse int8 is: points (x100) of a score where higher is better; percent of fp32's error
+    where lower is better (mse, mae)."""
+    if tasks.lower_is_better(f"test_{inputs.metric}"):
+        return 100 * (int8 - fp32) / max(abs(fp32), 1e-12)
+    return 100 * (fp32 - int8)
 
 
 def latency_ms(predict: Callable[[np.ndarray], np.ndarray], sample: np.ndarray, batch: int,
@@ -90,22 +112,25 @@ def latency_ms(predict: Callable[[np.ndarray], np.ndarray], sample: np.ndarray, 
 
 def write_report(out: Path, report: dict) -> None:
     write_json(out / "quantize_report.json", report)
+    metric = report["metric"]
+    unit = "% of fp32's error" if tasks.lower_is_better(f"test_{metric}") else "points"
     lines = [f"# Quantization report: {report['run_dir']}", ""]
     for fmt in report["formats"]:
         fp32, int8 = fmt["fp32"], fmt["int8"]
+        agreement = ("" if int8["agreement"] is None else
+                     f"; predicted classes equal to fp32's on {int8['agreement']:.1%} of samples (pixels)")
         lines += [f"## {fmt['format']} ({fmt['runtime']})", "",
                   f"Chosen: **{int8['name']}**; calibration on {report['calibration_samples']} training samples; "
                   f"evaluated on {report['test_samples']} held-out samples.", "",
-                  "| model | size KiB | accuracy | batch 1 ms | batch 32 ms |", "|---|---|---|---|---|",
-                  f"| fp32 | {fp32['bytes'] / 1024:.1f} | {fp32['accuracy']:.4f} | {fp32['latency_ms_b1']:.3f} | "
+                  f"| model | size KiB | {metric} | batch 1 ms | batch 32 ms |", "|---|---|---|---|---|",
+                  f"| fp32 | {fp32['bytes'] / 1024:.1f} | {fp32['score']:.4f} | {fp32['latency_ms_b1']:.3f} | "
                   f"{fp32['latency_ms_b32']:.3f} |",
-                  f"| int8 | {int8['bytes'] / 1024:.1f} | {int8['accuracy']:.4f} | {int8['latency_ms_b1']:.3f} | "
+                  f"| int8 | {int8['bytes'] / 1024:.1f} | {int8['score']:.4f} | {int8['latency_ms_b1']:.3f} | "
                   f"{int8['latency_ms_b32']:.3f} |", "",
                   f"- size ratio int8/fp32: {fmt['size_ratio']:.3f}",
-                  f"- accuracy drop: {fmt['accuracy_drop_points']:.2f} points (bound {report['max_accuracy_drop']}); "
-                  f"predictions equal to fp32 on {int8['agreement']:.1%} of samples",
+                  f"- {metric} drop: {fmt['metric_drop']:.2f} {unit} (bound {report['max_metric_drop']}){agreement}",
                   f"- speed-up fp32/int8: batch 1 {fmt['speedup_b1']:.2f}x, batch 32 {fmt['speedup_b32']:.2f}x "
                   "(1 thread, median after warm-up)",
                   f"- kept in float: {', '.join(int8['kept_in_float']) or 'nothing'}",
-                  "- tried: " + "; ".join(f"{t['name']} {t['accuracy']:.4f}" for t in fmt["tried"]), ""]
+                  "- tried: " + "; ".join(f"{t['name']} {t['score']:.4f}" for t in fmt["tried"]), ""]
     write_text(out / "quantize_report.md", "\n".join(lines) + "\n")

@@ -37,13 +37,15 @@ class Samples(CalibrationDataReader):
         self.iterator = iter(self.batches)
 
 
-def export(checkpoint: Path, cfg, sample_shape, classes: int, out: Path) -> Path:
-    """fp32 ONNX from the checkpoint (weights_only load), then ORT's pre-processing (shape inference)."""
+def export(checkpoint: Path, cfg, inputs, out: Path) -> Path:
+    """fp32 ONNX from the checkpoint (weights_only load), then ORT's pre-processing (shape inference).
+    Any traceable module exports, the user's factory's too (rebuilt from the run's config)."""
     import torch
 
-    from hvdtrain.torch.models import build
+    from hvdtrain import models
 
-    model = build(cfg.model, tuple(sample_shape), classes)
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg, inputs.sample_shape, inputs.num_classes, inputs.label_shape)
     try:
         state = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
@@ -51,9 +53,13 @@ def export(checkpoint: Path, cfg, sample_shape, classes: int, out: Path) -> Path
         raise ConfigError(f"{checkpoint}: not a readable hvdtrain checkpoint ({type(exc).__name__})") from None
     model.eval()
     fp32 = out / "model-fp32.onnx"
-    torch.onnx.export(model, torch.zeros(1, *sample_shape), str(fp32), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    try:
+        torch.onnx.export(model, torch.zeros(1, *inputs.sample_shape), str(fp32), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["outputs"],
+                          dynamic_axes={"input": {0: "batch"}, "outputs": {0: "batch"}})
+    except Exception as exc:
+        raise ConfigError(f"model: {models.source(cfg)} does not export to ONNX ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     prepared = out / "model-fp32-pre.onnx"
     quant_pre_process(str(fp32), str(prepared))
     return prepared

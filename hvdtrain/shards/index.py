@@ -42,6 +42,8 @@ class ShardSet:
     x_key: str = "x"
     y_key: str = "y"
     extra: dict = field(default_factory=dict)
+    label_shape: tuple[int, ...] = ()  # per sample: () for a class id, (H, W) for a mask, (4,) for targets
+    one_sample: bool = False           # every file is one sample: its datasets have no sample axis
 
     @property
     def total(self) -> int:
@@ -70,7 +72,7 @@ class ShardSet:
     def to_json(self) -> dict:
         return {"format": FORMAT, "split": self.split, "x_key": self.x_key, "y_key": self.y_key,
                 "sample_shape": list(self.sample_shape), "x_dtype": self.x_dtype, "y_dtype": self.y_dtype,
-                "num_classes": self.num_classes, "total": self.total,
+                "num_classes": self.num_classes, "total": self.total, "label_shape": list(self.label_shape),
                 "shards": [asdict(s) for s in self.shards], **self.extra}
 
 
@@ -94,7 +96,8 @@ def _read_index(directory: Path) -> ShardSet:
                         sample_shape=tuple(raw["sample_shape"]), x_dtype=raw["x_dtype"],
                         y_dtype=raw["y_dtype"], num_classes=int(raw["num_classes"]), split=raw["split"],
                         x_key=raw["x_key"], y_key=raw["y_key"],
-                        extra={"compression": raw.get("compression", "none")})
+                        extra={"compression": raw.get("compression", "none")},
+                        label_shape=tuple(raw.get("label_shape", ())))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable shard index ({type(exc).__name__}: {exc})") from None
 
@@ -114,39 +117,53 @@ def open_h5(path: Path, **kwargs) -> h5py.File:
         raise ConfigError(f"{path}: not a readable HDF5 file ({exc})") from None
 
 
-def _scan(files: Sequence[Path], x_key: str, y_key: str, split: str) -> ShardSet:
-    """Index users' files: counts, schema (must agree), chunking, and the label range."""
+def _scan(files: Sequence[Path], x_key: str, y_key: str, split: str, one_sample: bool = False,
+          count_classes: bool = True) -> ShardSet:
+    """Index users' files: counts, schema (must agree), chunking, and (count_classes) the label range.
+
+    one_sample: each file's datasets are one sample and its label, without a sample axis."""
     shards, schema, max_label = [], None, -1
     for path in files:
         with open_h5(path) as handle:
             x, y = _dataset(handle, x_key, path), _dataset(handle, y_key, path)
-            if x.shape[0] != y.shape[0]:
-                raise ConfigError(f"{path}: {x_key} has {x.shape[0]} samples but {y_key} has {y.shape[0]}")
-            if x.shape[0] == 0:
+            if one_sample:
+                count, sample_shape, label_shape = 1, tuple(x.shape), tuple(y.shape)
+            else:
+                if x.ndim == 0 or y.ndim == 0:
+                    raise ConfigError(f"{path}: {x_key} {x.shape} / {y_key} {y.shape} have no sample axis; "
+                                      "set data.one_sample_per_file=true if each file holds one sample")
+                if x.shape[0] != y.shape[0]:
+                    raise ConfigError(f"{path}: {x_key} has {x.shape[0]} samples but {y_key} has {y.shape[0]}"
+                                      " along the first axis; if each file holds one sample, set "
+                                      "data.one_sample_per_file=true")
+                count, sample_shape, label_shape = int(x.shape[0]), tuple(x.shape[1:]), tuple(y.shape[1:])
+            if count == 0:
                 raise ConfigError(f"{path}: empty shard (0 samples)")
-            file_schema = (tuple(x.shape[1:]), x.dtype.str, y.dtype.str)
+            file_schema = (sample_shape, x.dtype.str, label_shape, y.dtype.str)
             if schema is None:
                 schema = file_schema
             elif file_schema != schema:
                 raise ConfigError(f"{path}: samples {file_schema[0]} {np.dtype(file_schema[1])} / labels "
-                                  f"{np.dtype(file_schema[2])} disagree with {files[0]} "
-                                  f"({schema[0]} {np.dtype(schema[1])} / {np.dtype(schema[2])})")
-            labels = y[...]
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise ConfigError(f"{path}: labels {y_key} must be integers, found {labels.dtype}")
-            if labels.min() < 0:
-                raise ConfigError(f"{path}: negative label {labels.min()} in {y_key}")
-            max_label = max(max_label, int(labels.max()))
-            chunk = x.chunks[0] if x.chunks else None
-            shards.append(Shard(path=str(path.resolve()), count=int(x.shape[0]), chunk_samples=chunk))
-    shape, x_dtype, y_dtype = schema
+                                  f"{file_schema[2]} {np.dtype(file_schema[3])} disagree with {files[0]} "
+                                  f"({schema[0]} {np.dtype(schema[1])} / {schema[2]} {np.dtype(schema[3])})")
+            if count_classes:
+                labels = y[()]
+                if not np.issubdtype(labels.dtype, np.integer):
+                    raise ConfigError(f"{path}: labels {y_key} must be integers (class ids), found {labels.dtype}; "
+                                      "use task: regression for float targets")
+                if labels.min() < 0:
+                    raise ConfigError(f"{path}: negative label {labels.min()} in {y_key}")
+                max_label = max(max_label, int(labels.max()))
+            chunk = x.chunks[0] if x.chunks and not one_sample else None
+            shards.append(Shard(path=str(path.resolve()), count=count, chunk_samples=chunk))
+    shape, x_dtype, label_shape, y_dtype = schema
     return ShardSet(root=Path("/"), shards=shards, sample_shape=shape, x_dtype=np.dtype(x_dtype).name,
                     y_dtype=np.dtype(y_dtype).name, num_classes=max_label + 1, split=split,
-                    x_key=x_key, y_key=y_key)
+                    x_key=x_key, y_key=y_key, label_shape=label_shape, one_sample=one_sample)
 
 
 def open_set(spec: Union[str, Sequence[str]], x_key: str = "x", y_key: str = "y", split: str = "train",
-             origin: str = "data") -> ShardSet:
+             origin: str = "data", one_sample: bool = False, count_classes: bool = True) -> ShardSet:
     """A shard set from an hvdtrain directory (with index.json), a directory of .h5 files, a glob or a list."""
     if isinstance(spec, str):
         directory = Path(spec)
@@ -156,13 +173,15 @@ def open_set(spec: Union[str, Sequence[str]], x_key: str = "x", y_key: str = "y"
             files = sorted(p for p in directory.iterdir() if p.suffix in (".h5", ".hdf5"))
         elif any(c in spec for c in "*?["):
             files = [Path(p) for p in sorted(glob.glob(spec))]
+        elif not directory.exists():
+            raise ConfigError(f"{origin}: {spec}: no such file or directory")
         else:
             files = [directory]
     else:
         files = [Path(p) for p in spec]
     if not files:
         raise ConfigError(f"{origin}: {spec}: no HDF5 files found")
-    return _scan(files, x_key, y_key, split)
+    return _scan(files, x_key, y_key, split, one_sample, count_classes)
 
 
 def verify(shard_set: ShardSet) -> list[str]:
@@ -179,16 +198,17 @@ def verify(shard_set: ShardSet) -> list[str]:
             raise ConfigError(f"{path}: checksum mismatch: the shard is corrupt or was modified")
         with open_h5(path) as handle:
             x, y = _dataset(handle, shard_set.x_key, path), _dataset(handle, shard_set.y_key, path)
-            if tuple(x.shape[1:]) != tuple(shard_set.sample_shape) or x.dtype != np.dtype(shard_set.x_dtype):
-                raise ConfigError(f"{path}: samples {tuple(x.shape[1:])} {x.dtype} disagree with the index "
+            stored = tuple(x.shape) if shard_set.one_sample else tuple(x.shape[1:])
+            if stored != tuple(shard_set.sample_shape) or x.dtype != np.dtype(shard_set.x_dtype):
+                raise ConfigError(f"{path}: samples {stored} {x.dtype} disagree with the index "
                                   f"({tuple(shard_set.sample_shape)} {shard_set.x_dtype})")
-            if x.shape[0] != shard.count or y.shape[0] != shard.count:
+            if not shard_set.one_sample and (x.shape[0] != shard.count or y.shape[0] != shard.count):
                 raise ConfigError(f"{path}: {x.shape[0]} samples / {y.shape[0]} labels, index says {shard.count}")
             try:
-                labels = y[...]
+                labels = y[()]
             except OSError as exc:
                 raise ConfigError(f"{path}: unreadable labels ({exc})") from None
-            if labels.size and (labels.min() < 0 or labels.max() >= shard_set.num_classes):
+            if shard_set.num_classes and labels.size and (labels.min() < 0 or labels.max() >= shard_set.num_classes):
                 raise ConfigError(f"{path}: labels outside [0, {shard_set.num_classes})")
         lines.append(f"ok {path} ({shard.count} samples)")
     return lines
@@ -218,7 +238,9 @@ def describe(shard_set: ShardSet) -> str:
         f"{shard_set.split}: {shard_set.total} samples in {len(counts)} shard(s) "
         f"({min(counts)}..{max(counts)} per shard)",
         f"  samples  {shard_set.x_key}: {tuple(shard_set.sample_shape)} {shard_set.x_dtype}, "
-        f"labels {shard_set.y_key}: {shard_set.y_dtype}, {shard_set.num_classes} classes",
+        f"labels {shard_set.y_key}: {tuple(shard_set.label_shape)} {shard_set.y_dtype}"
+        + (f", {shard_set.num_classes} classes" if shard_set.num_classes else "")
+        + (", one sample per file" if shard_set.one_sample else ""),
         f"  chunks   {chunk_text}; compression {shard_set.extra.get('compression', 'as stored')}",
         f"  size     {logical / 2**20:.1f} MiB of samples, {disk / 2**20:.1f} MiB on disk",
         f"  location {paths[0].parent if shard_set.root != Path('/') else 'files listed by the user'}",

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
+from hvdtrain import tasks
 from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_h5
 from hvdtrain.shards.plan import Segment, Window
@@ -55,23 +56,43 @@ def raw_layout(handle: h5py.File, ds: h5py.Dataset, dtype: np.dtype) -> Optional
     return RawLayout(chunk, offsets)
 
 
+def _single_sample_layout(handle: h5py.File, ds: h5py.Dataset, dtype: np.dtype) -> Optional[RawLayout]:
+    plist = ds.id.get_create_plist()
+    if (ds.dtype != dtype or ds.chunks is not None or plist.get_nfilters() or plist.get_external_count()
+            or handle.userblock_size or plist.get_layout() != h5py.h5d.CONTIGUOUS):
+        return None
+    offset = ds.id.get_offset()
+    return None if offset is None else RawLayout(1, np.array([offset], np.int64))
+
+
 class _OpenShard:
     """One shard's open handles in this process."""
 
-    def __init__(self, handle: h5py.File, x: h5py.Dataset, y: h5py.Dataset, dtype: np.dtype):
-        self.handle, self.x, self.y = handle, x, y
-        self.layout = raw_layout(handle, x, dtype)
+    def __init__(self, handle: h5py.File, x: h5py.Dataset, y: h5py.Dataset, dtype: np.dtype, one_sample: bool):
+        self.handle, self.x, self.y, self.one_sample = handle, x, y, one_sample
+        # a file holding one sample: raw-read when contiguous (its offset is the sample's)
+        self.layout = (raw_layout(handle, x, dtype) if not one_sample else
+                       _single_sample_layout(handle, x, dtype))
         self.raw = open(handle.filename, "rb", buffering=0) if self.layout is not None else None
 
 
 class ShardReader:
-    def __init__(self, shard_set: ShardSet):
+    """Reads samples as stored (dtype, layout) and labels as the task has them (int64 classes, float32 values),
+    checking every label read against the task (class range, finite targets)."""
+
+    def __init__(self, shard_set: ShardSet, task: str = "classification", num_classes: Optional[int] = None):
         self.shard_set = shard_set
+        self.task = tasks.get(task)
+        self.num_classes = shard_set.num_classes if num_classes is None else num_classes
         self._open: dict[int, _OpenShard] = {}
         self._pid: Optional[int] = None
 
     def __getstate__(self) -> dict:
-        return {"shard_set": self.shard_set, "_open": {}, "_pid": None}
+        return {**self.__dict__, "_open": {}, "_pid": None}
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        return self.task.label_dtype
 
     def _shard(self, shard: int) -> _OpenShard:
         if self._pid != os.getpid():
@@ -85,7 +106,7 @@ class ShardReader:
             handle = open_h5(self.shard_set.shard_path(shard), rdcc_nbytes=max(1 << 20, 4 * chunk_bytes),
                              rdcc_nslots=10007)
             opened = _OpenShard(handle, handle[self.shard_set.x_key], handle[self.shard_set.y_key],
-                                np.dtype(self.shard_set.x_dtype))
+                                np.dtype(self.shard_set.x_dtype), self.shard_set.one_sample)
             self._open[shard] = opened
         return opened
 
@@ -117,31 +138,34 @@ class ShardReader:
         for segment in segments:
             opened = self._shard(segment.shard)
             dest = np.s_[offset:offset + len(segment)]
+            path = self.shard_set.shard_path(segment.shard)
             try:
-                if not self._read_raw(opened, segment, x, offset):
-                    opened.x.read_direct(x, np.s_[segment.start:segment.stop], dest)
-                opened.y.read_direct(y, np.s_[segment.start:segment.stop], dest)
-            except (OSError, ValueError) as exc:
-                path = self.shard_set.shard_path(segment.shard)
+                if opened.one_sample:  # the file's whole dataset is sample `offset`
+                    if not self._read_raw(opened, segment, x, offset):
+                        x[offset] = opened.x[()]
+                    y[offset] = opened.y[()]
+                else:
+                    if not self._read_raw(opened, segment, x, offset):
+                        opened.x.read_direct(x, np.s_[segment.start:segment.stop], dest)
+                    opened.y.read_direct(y, np.s_[segment.start:segment.stop], dest)
+            except (OSError, ValueError, TypeError) as exc:
                 raise ConfigError(f"{path}: cannot read samples {segment.start}..{segment.stop} "
                                   f"(corrupt or truncated shard: {exc})") from None
-            labels = y[offset:offset + len(segment)]
-            if labels.min() < 0 or labels.max() >= self.shard_set.num_classes:
-                raise ConfigError(f"{self.shard_set.shard_path(segment.shard)}: labels outside "
-                                  f"[0, {self.shard_set.num_classes}) in samples {segment.start}..{segment.stop}")
+            tasks.check_labels(self.task, y[offset:offset + len(segment)], self.num_classes,
+                               f"{path}: samples {segment.start}..{segment.stop}")
             offset += len(segment)
         return offset
 
     def buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         return (np.empty((n, *self.shard_set.sample_shape), dtype=self.shard_set.x_dtype),
-                np.empty(n, dtype=self.shard_set.y_dtype))
+                np.empty((n, *self.shard_set.label_shape), dtype=self.shard_set.y_dtype))
 
     def read(self, segments: Sequence[Segment], order: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.buffers(sum(len(s) for s in segments))
         self.read_into(segments, x, y)
         if order is not None:
             x, y = x[order], y[order]
-        return x, y.astype(np.int64, copy=False)
+        return x, y.astype(self.label_dtype, copy=False)
 
     def read_window(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         return self.read(window.segments, window.order)
@@ -208,7 +232,7 @@ def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_siz
             if window is None:
                 raise buffers
             x, y = buffers
-            labels = y[window.order].astype(np.int64)  # the whole window's labels in one gather
+            labels = y[window.order].astype(reader.label_dtype)  # the whole window's labels in one gather
             for i in range(first_batch(window), window.num_samples // batch_size):
                 idx = window.order[i * batch_size:(i + 1) * batch_size]
                 # mode="clip": with mode="raise" NumPy gathers into a temporary first, then copies to out

@@ -113,3 +113,70 @@ class FlatExchange(exchange.FlatExchangeBase):
         buffer = np.array(flat)  # writable: the exchange averages it in place
         self.core(buffer)
         return buffer
+
+
+# Library mode -------------------------------------------------------------------------------------------
+METHODS = ("none", "fp16", "bf16", *exchange.SPARSE_METHODS)
+# One exchange per (variables, method): a user's loop makes a new tape every step, but the residuals of
+# error feedback and the step count must live on.
+_EXCHANGES: dict = {}
+
+
+class _FlatGradientTape:
+    """A GradientTape whose gradient() returns the average over all ranks, through hvdtrain's exchange."""
+
+    def __init__(self, tape: tf.GradientTape, compression: CompressionConfig):
+        self._tape, self._cfg = tape, compression
+
+    def __getattr__(self, name):
+        return getattr(self._tape, name)
+
+    def _exchange(self, variables: list) -> FlatExchange:
+        key = (tuple(id(v) for v in variables), self._cfg.model_dump_json())
+        if key not in _EXCHANGES:
+            _EXCHANGES[key] = FlatExchange(variables, self._cfg)
+        return _EXCHANGES[key]
+
+    def gradient(self, target, sources, output_gradients=None, **kwargs):
+        variables = list(sources)
+        grads = self._tape.gradient(target, variables, output_gradients, **kwargs)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        flat_exchange = self._exchange(variables)
+        position = {id(v): i for i, v in enumerate(variables)}
+        order = [position[id(v)] for v in flat_exchange.variables]
+        flat = flat_exchange.flatten([grads[i] for i in order])
+        if flat_exchange.sparse:  # the framework-free exchange works on NumPy, also inside a tf.function
+            averaged = tf.py_function(flat_exchange, [flat], tf.float32)
+            averaged.set_shape(flat.shape)
+        else:
+            averaged = flat_exchange.average(flat)
+        result = [None] * len(variables)
+        for part, i in zip(flat_exchange.unflatten(averaged), order):
+            result[i] = part
+        return result
+
+
+def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "", device_sparse: str = "",
+                            compression=hvd.Compression.none, sparse_as_dense: bool = False, op=hvd.Average,
+                            **horovod_kwargs):
+    """A drop-in for horovod.tensorflow.DistributedGradientTape that adds hvdtrain's compression.
+
+    `compression` takes what Horovod's does (its compressors: Horovod's own tape is returned, every
+    argument passed on) or an hvdtrain method: "none", "fp16", "bf16", "topk", "shared_topk", "auto", or a
+    hvdtrain.config.CompressionConfig for its options. hvdtrain's methods average all gradients in one flat
+    tensor (sparse ones with error feedback, outside the graph through tf.py_function), op=Average only.
+    """
+    if isinstance(compression, str):
+        if compression not in METHODS:
+            raise ValueError(f"compression: unknown method {compression!r} (use {', '.join(METHODS)} or "
+                             "a Horovod compressor)")
+        compression = CompressionConfig(method=compression)
+    if not isinstance(compression, CompressionConfig):
+        return hvd.DistributedGradientTape(gradtape, device_dense=device_dense, device_sparse=device_sparse,
+                                           compression=compression, sparse_as_dense=sparse_as_dense, op=op,
+                                           **horovod_kwargs)
+    if op != hvd.Average or horovod_kwargs:
+        raise ValueError(f"hvdtrain's compression methods average: op=Average only, and no {sorted(horovod_kwargs)}")
+    if compression.momentum_correction:
+        raise ValueError("compression.momentum_correction needs hvdtrain's own training loop (hvdtrain train)")
+    return _FlatGradientTape(gradtape, compression)

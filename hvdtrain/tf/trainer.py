@@ -17,50 +17,71 @@ import tensorflow as tf
 import horovod
 import horovod.tensorflow as hvd
 
-from hvdtrain import exchange, loop, runtime
+from hvdtrain import entrypoints, exchange, loop, models, runtime, tasks
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
 from hvdtrain.atomic import atomic_open, atomic_path
+from hvdtrain.errors import ConfigError
+from hvdtrain.metrics import MetricSet
 from hvdtrain.tf.data import train_dataset
 from hvdtrain.tf.exchange import COMPRESSORS, FlatExchange
 from hvdtrain.tf import optim
-from hvdtrain.tf.models import build
 from hvdtrain.world import world
 
 keras = tf.keras
+LOSSES = {"cross_entropy": lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+          "mse": keras.losses.MeanSquaredError, "mae": keras.losses.MeanAbsoluteError}
 
 
-def _optimizer(cfg: Config):
-    t = cfg.train
-    if t.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=t.lr)
-    if t.optimizer == "lars":
-        return optim.Lars(learning_rate=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "lamb":
-        return optim.Lamb(learning_rate=t.lr, weight_decay=t.weight_decay)
-    return keras.optimizers.SGD(learning_rate=t.lr, momentum=exchange.optimizer_momentum(cfg))
+def build_model(cfg: Config, sample_shape, num_classes: int, label_shape=()) -> keras.Model:
+    """The configured model (hvdtrain.models), from the seed: every rank builds the same one."""
+    keras.utils.set_random_seed(cfg.seed)
+    return checked_model(models.build(cfg, sample_shape, num_classes, label_shape), models.source(cfg))
 
 
-def _norm(grads) -> tf.Tensor:
-    return tf.linalg.global_norm(grads)
+def checked_model(model, origin: str) -> keras.Model:
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"model: {origin} returned a {type(model).__name__}, not a Keras model "
+                          "(framework: tensorflow; build it with tf.keras, which is tf-keras here)")
+    if not model.trainable_variables:
+        raise ConfigError(f"model: {origin} has no trainable variables (build it with an Input shape)")
+    return model
+
+
+def loss_function(cfg: Config, loss=None):
+    """The loss as hvdtrain's loop calls it, loss(outputs, targets) -> a scalar tensor. `loss` (or the
+    configured entry point) follows Keras' convention, loss(y_true, y_pred), so users' Keras losses plug in
+    as they are. Regression outputs of the targets' size are reshaped to them ((N, 1) for scalar targets)."""
+    if loss is None:
+        name = tasks.loss_name(cfg)
+        loss = LOSSES[name]() if name in LOSSES else entrypoints.resolve(name, "train.loss")
+    regression = not tasks.get(cfg.task).classes
+
+    def keras_order(outputs, targets):
+        if regression and outputs.shape.rank != targets.shape.rank:
+            outputs = tf.reshape(outputs, tf.shape(targets))
+        return loss(targets, outputs)
+    return keras_order
 
 
 class TensorFlowAdapter:
     framework = "tensorflow"
     checkpoint_suffix = "npz"
 
-    def __init__(self, cfg: Config, sample_shape: tuple[int, ...], num_classes: int):
-        self.cfg, self.sample_shape = cfg, tuple(sample_shape)
-        tf.keras.utils.set_random_seed(cfg.seed)
-        self.model = build(cfg.model, self.sample_shape, num_classes)
+    def __init__(self, cfg: Config, model: keras.Model, sample_shape: tuple[int, ...], label_shape=(), loss=None):
+        self.cfg, self.sample_shape, self.label_shape = cfg, tuple(sample_shape), tuple(label_shape)
+        self.task = tasks.get(cfg.task)
+        self.model = model
         self.optimizer = _optimizer(cfg)
         self.optimizer.build(self.model.trainable_variables)  # slots exist before they are broadcast
         self.lr = tf.Variable(cfg.train.lr, dtype=tf.float32, trainable=False)
-        self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.loss = loss_function(cfg, loss)
         self.flat = None
         if runtime.exchange_mode(cfg, bool(tf.config.list_physical_devices("GPU"))) == "flat":
             self.flat = FlatExchange(self.model.trainable_variables, cfg.compression, cfg.train.momentum)
-        signature = [tf.TensorSpec((None, *self.sample_shape), tf.float32), tf.TensorSpec((None,), tf.int64)]
+        self.label_dtype = tf.as_dtype(self.task.label_dtype)
+        signature = [tf.TensorSpec((None, *self.sample_shape), tf.float32),
+                     tf.TensorSpec((None, *self.label_shape), self.label_dtype)]
         if self.flat is not None and self.flat.sparse:  # the gradients leave the graph for NumPy
             self._gradients = tf.function(self._flat_gradients, input_signature=signature)
             self._apply = tf.function(self._apply_flat, input_signature=[tf.TensorSpec((None,), tf.float32)])
@@ -69,7 +90,7 @@ class TensorFlowAdapter:
 
     def _train_step(self, x, y):
         with tf.GradientTape() as tape:
-            loss = self.loss(y, self.model(x, training=True))
+            loss = self.loss(self.model(x, training=True), y)
         if self.flat is None:
             variables = self.model.trainable_variables
             compression = COMPRESSORS.get(self.cfg.compression.method, hvd.Compression.none)
@@ -93,7 +114,7 @@ class TensorFlowAdapter:
     def _flat_gradients(self, x, y):
         """Sparse exchanges: the loss and this rank's gradients, flat in the exchange's layout."""
         with tf.GradientTape() as tape:
-            loss = self.loss(y, self.model(x, training=True))
+            loss = self.loss(self.model(x, training=True), y)
         return loss, self.flat.flatten(tape.gradient(loss, self.flat.variables))
 
     def _apply_flat(self, flat):
@@ -116,7 +137,8 @@ class TensorFlowAdapter:
     # training ----------------------------------------------------------------------------------
     def batches(self, rank_data, start_step: int, last_step: int) -> Iterator:
         return iter(train_dataset(rank_data, start_step, last_step, self.sample_shape,
-                                  prefetch=self.cfg.data.prefetch))
+                                  prefetch=self.cfg.data.prefetch, label_shape=self.label_shape,
+                                  label_dtype=self.task.label_dtype))
 
     def train_step(self, batch, lr: float) -> loop.StepResult:
         self.lr.assign(lr)
@@ -131,14 +153,17 @@ class TensorFlowAdapter:
             self.flat.count_average()
         return loop.StepResult(float(loss), float(norm), float(local_norm) if local_norm >= 0 else None)
 
-    def eval_sums(self, rank_data) -> tuple[float, float, float]:
-        loss_sum, correct, count = 0.0, 0.0, 0.0
+    def eval_sums(self, rank_data, metrics: MetricSet) -> list[float]:
+        loss_sum, count, totals = 0.0, 0.0, metrics.zeros()
         for x, y in rank_data.eval_batches():
-            logits = self.model(x, training=False)
-            loss_sum += float(self.loss(y, logits)) * len(y)
-            correct += float(np.sum(np.argmax(logits.numpy(), 1) == y))
+            outputs = self.model(x, training=False)
+            loss_sum += float(self.loss(outputs, tf.constant(y))) * len(y)
             count += len(y)
-        return loss_sum, correct, count
+            outputs = outputs.numpy()
+            if self.task.name == "segmentation":  # Keras' logits are channels-last; metrics take classes at axis 1
+                outputs = np.moveaxis(outputs, -1, 1)
+            totals += metrics.sums(outputs, y)
+        return [loss_sum, count, *totals]
 
     # state -------------------------------------------------------------------------------------
     def save(self, path: Path, meta: dict) -> None:
@@ -202,9 +227,12 @@ def start_horovod(cfg: Config) -> int:
     return threads
 
 
-def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
+def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str, model=None, loss=None) -> dict[str, Any]:
+    """Train the configured model (or `model`, a user's Keras model, with `loss`) on `dataset`."""
     threads = start_horovod(cfg)
-    adapter = TensorFlowAdapter(cfg, tuple(dataset.sample_shape), dataset.num_classes)
+    if model is None:
+        model = build_model(cfg, dataset.sample_shape, dataset.num_classes, dataset.label_shape)
+    adapter = TensorFlowAdapter(cfg, checked_model(model, "model"), dataset.sample_shape, dataset.label_shape, loss)
     summary = loop.run(cfg, dataset, run_dir, resume, adapter, threads)
     if world.is_root:
         adapter.export(run_dir)

@@ -36,7 +36,7 @@ class WindowDataset(TorchDataset):
         # Gather straight into shared memory: the tensor then crosses to the trainer without a copy.
         x = torch.empty((n, *raw_x.shape[1:]), dtype=torch.from_numpy(raw_x[:0]).dtype).share_memory_()
         torch.index_select(torch.from_numpy(raw_x[:n]), 0, order, out=x)
-        y = torch.from_numpy(raw_y[:n].astype(np.int64))[order]
+        y = torch.from_numpy(raw_y[:n].astype(self.reader.label_dtype))[order]
         return x, y
 
 
@@ -52,4 +52,37 @@ def train_batches(rank_data, start_step: int, last_step: int, workers: int = 0,
     loader = DataLoader(WindowDataset(rank_data.train_reader, windows), batch_size=None, shuffle=False,
                         num_workers=workers, prefetch_factor=prefetch, multiprocessing_context="forkserver")
     for window, (x, y) in zip(windows, loader):
-        yield from rank_data.window_batches(window, x, y, start_step, last_step)
+        for x_batch, y_batch in rank_data.window_batches(window, x, y, start_step, last_step):
+            yield torch.as_tensor(x_batch), torch.as_tensor(y_batch)
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Library mode: this rank's batches of an HDF5 shard set (or users' HDF5 files) for one epoch.
+
+    The same plan as `hvdtrain train` (disjoint, balanced, shuffled shares, whole-chunk reads); rank and
+    size default to the launcher's (horovodrun, mpirun, srun). Use with DataLoader(batch_size=None) and call
+    set_epoch(e) before each epoch, as with DistributedSampler. `data_options` are data.* config keys
+    (x_key, y_key, layout, normalize, one_sample_per_file, shuffle_buffer_mb, tail...)."""
+
+    def __init__(self, path, batch_size: int, rank=None, size=None, seed: int = 0, task: str = "classification",
+                 **data_options):
+        from hvdtrain.config import DataConfig
+        from hvdtrain.data import Dataset
+        from hvdtrain.world import world
+
+        super().__init__()
+        dataset = Dataset(DataConfig(source="hdf5", train=path, test=path, **data_options), seed, task)
+        self.rank_data = dataset.for_rank(batch_size, world.rank if rank is None else rank,
+                                          world.size if size is None else size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.rank_data.steps_per_epoch
+
+    def __iter__(self):
+        steps = self.rank_data.steps_per_epoch
+        for x, y in self.rank_data.batches(self.epoch * steps, (self.epoch + 1) * steps):
+            yield torch.from_numpy(x), torch.from_numpy(y)

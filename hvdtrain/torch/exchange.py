@@ -98,9 +98,11 @@ HALF_METHODS = {"fp16": HalfSum, "bf16": BFloat16Gather}
 class FlatExchange(exchange.FlatExchangeBase):
     """The model's gradients in one flat buffer, averaged over all ranks once per step by `hvdtrain.exchange`."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Optional[CompressionConfig] = None, momentum: float = 0.0):
+    def __init__(self, model, cfg: Optional[CompressionConfig] = None, momentum: float = 0.0):
+        """`model`: an nn.Module or its parameters."""
         self.cfg = cfg or CompressionConfig()
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = model.parameters() if isinstance(model, torch.nn.Module) else model
+        params = [p for p in params if p.requires_grad]
         order, large = exchange.layout([p.numel() for p in params], self.cfg)
         self.params = [params[i] for i in order]
         self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
@@ -121,7 +123,71 @@ class FlatExchange(exchange.FlatExchangeBase):
     def __call__(self) -> None:
         """Average the gradients over all ranks, in place."""
         for p, view in zip(self.params, self.views):
-            if p.grad is not view:  # autograd replaced the view (e.g. a sparse or reshaped gradient)
+            if p.grad is None:  # zero_grad(set_to_none=True), or a parameter this step did not use
+                view.zero_()
+                p.grad = view
+            elif p.grad is not view:  # autograd replaced the view (e.g. a sparse or reshaped gradient)
                 view.copy_(p.grad)
                 p.grad = view
         self.core(self.buffer.numpy())
+
+
+# Library mode -------------------------------------------------------------------------------------------
+METHODS = ("none", "fp16", "bf16", *exchange.SPARSE_METHODS)
+
+
+class _FlatDistributedOptimizer(torch.optim.Optimizer):
+    """The user's optimizer class with hvdtrain's flat exchange before each step (see DistributedOptimizer)."""
+
+    def __init__(self, params, compression: CompressionConfig):
+        super(self.__class__, self).__init__(params)
+        parameters = [p for group in self.param_groups for p in group["params"]]
+        self._exchange = FlatExchange(parameters, compression)
+        self._synchronized = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the flat buffer the gradients live in (set_to_none would detach them from it)."""
+        self._exchange.zero_grad()
+
+    def synchronize(self) -> None:
+        """Average the gradients over all ranks now (e.g. before clipping); step() then skips it."""
+        self._exchange()
+        self._synchronized = True
+
+    def step(self, closure=None):
+        if not self._synchronized:
+            self._exchange()
+        self._synchronized = False
+        return super(self.__class__, self).step(closure)
+
+    def exchange_stats(self) -> dict:
+        """Bytes this rank sent per step since the last call, and the method (auto: its decision)."""
+        return self._exchange.stats()
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, compression=hvd.Compression.none,
+                         backward_passes_per_step: int = 1, op=hvd.Average, **horovod_kwargs):
+    """A drop-in for horovod.torch.DistributedOptimizer that adds hvdtrain's compression.
+
+    `compression` takes what Horovod's does (hvd.Compression.none / .fp16: Horovod's own optimizer is
+    returned, all other arguments passed on) or an hvdtrain method: "none", "fp16", "bf16", "topk",
+    "shared_topk", "auto", or a hvdtrain.config.CompressionConfig for its options (ratio, min_size,
+    warm-up...). hvdtrain's methods exchange all gradients once per step in one flat buffer after backward
+    (with error feedback for the sparse ones) and need op=Average and one backward pass per step. The
+    result is an instance of the optimizer's own class, as with Horovod: learning-rate schedulers work.
+    """
+    if isinstance(compression, str):
+        if compression not in METHODS:
+            raise ValueError(f"compression: unknown method {compression!r} (use {', '.join(METHODS)} or "
+                             "a Horovod compressor)")
+        compression = CompressionConfig(method=compression)
+    if not isinstance(compression, CompressionConfig):
+        return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
+                                        backward_passes_per_step=backward_passes_per_step, op=op, **horovod_kwargs)
+    if backward_passes_per_step != 1 or op != hvd.Average or horovod_kwargs:
+        raise ValueError("hvdtrain's compression methods average once per step: backward_passes_per_step=1 and "
+                         f"op=Average only, and no {sorted(horovod_kwargs)}")
+    if compression.momentum_correction:
+        raise ValueError("compression.momentum_correction needs hvdtrain's own training loop (hvdtrain train)")
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_FlatDistributedOptimizer.__dict__))
+    return cls(optimizer.param_groups, compression)

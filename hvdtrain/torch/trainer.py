@@ -13,15 +13,50 @@ import torch.nn.functional as F
 import horovod
 import horovod.torch as hvd
 
-from hvdtrain import exchange, loop, runtime
+from hvdtrain import entrypoints, exchange, loop, models, runtime, tasks
 from hvdtrain.atomic import atomic_open
 from hvdtrain.config import Config
 from hvdtrain.data import Dataset
+from hvdtrain.errors import ConfigError
+from hvdtrain.metrics import MetricSet
 from hvdtrain.torch.data import train_batches
 from hvdtrain.torch.exchange import COMPRESSORS, FlatExchange
 from hvdtrain.torch import optim
-from hvdtrain.torch.models import build
 from hvdtrain.world import world
+
+LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "mae": F.l1_loss}
+
+
+def build_model(cfg: Config, sample_shape, num_classes: int, label_shape=()) -> torch.nn.Module:
+    """The configured model (hvdtrain.models), from the seed: every rank builds the same one."""
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg, sample_shape, num_classes, label_shape)
+    return checked_model(model, models.source(cfg))
+
+
+def checked_model(model, origin: str) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model: {origin} returned a {type(model).__name__}, not a torch.nn.Module "
+                          "(framework: torch)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model: {origin} has no trainable parameters")
+    return model
+
+
+def loss_function(cfg: Config, loss=None):
+    """loss(outputs, targets) -> a scalar tensor: the task's, the configured name, or a user's callable.
+    Regression outputs of the targets' size are reshaped to them ((N, 1) for scalar targets)."""
+    if loss is None:
+        name = tasks.loss_name(cfg)
+        loss = LOSSES[name] if name in LOSSES else entrypoints.resolve(name, "train.loss")
+    if tasks.get(cfg.task).classes:
+        return loss
+
+    def regression_loss(outputs, targets):
+        if outputs.shape != targets.shape and outputs.numel() == targets.numel():
+            outputs = outputs.reshape(targets.shape)
+        return loss(outputs, targets)
+    return regression_loss
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -40,10 +75,10 @@ class TorchAdapter:
     framework = "torch"
     checkpoint_suffix = "pt"
 
-    def __init__(self, cfg: Config, sample_shape: tuple[int, ...], num_classes: int):
+    def __init__(self, cfg: Config, model: torch.nn.Module, loss=None):
         self.cfg = cfg
-        torch.manual_seed(cfg.seed)
-        self.model = build(cfg.model, sample_shape, num_classes)
+        self.model = model
+        self.loss = loss_function(cfg, loss)
         self.optimizer = _optimizer(cfg, self.model)
         self.flat = None
         if runtime.exchange_mode(cfg, torch.cuda.is_available()) == "overlap":
@@ -85,7 +120,7 @@ class TorchAdapter:
         else:
             self.optimizer.zero_grad()
         started = time.perf_counter()
-        loss = F.cross_entropy(self.model(x), y)
+        loss = self.loss(self.model(x), y)
         loss.backward()
         computed = time.perf_counter()
         if self.flat is not None:
@@ -103,18 +138,18 @@ class TorchAdapter:
         self.phase_seconds = {"forward_backward": computed - started, "update": time.perf_counter() - computed}
         return loop.StepResult(loss.item(), norm, local_norm)
 
-    def eval_sums(self, rank_data) -> tuple[float, float, float]:
-        loss_sum, correct, count = 0.0, 0.0, 0.0
+    def eval_sums(self, rank_data, metrics: MetricSet) -> list[float]:
+        loss_sum, count, totals = 0.0, 0.0, metrics.zeros()
         self.model.eval()
         with torch.no_grad():
             for x, y in rank_data.eval_batches():
                 x, y = torch.from_numpy(x), torch.from_numpy(y)
-                logits = self.model(x)
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
+                outputs = self.model(x)
+                loss_sum += float(self.loss(outputs, y)) * len(y)
                 count += len(y)
+                totals += metrics.sums(outputs.float().numpy(), y.numpy())  # class axis 1, as torch has it
         self.model.train()
-        return loss_sum, correct, count
+        return [loss_sum, count, *totals]
 
     # state -------------------------------------------------------------------------------------
     def save(self, path: Path, meta: dict) -> None:
@@ -199,7 +234,10 @@ def start_horovod(cfg: Config) -> int:
     return threads
 
 
-def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str) -> dict[str, Any]:
+def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str, model=None, loss=None) -> dict[str, Any]:
+    """Train the configured model (or `model`, a user's module, with `loss`) on `dataset`."""
     threads = start_horovod(cfg)
-    adapter = TorchAdapter(cfg, tuple(dataset.sample_shape), dataset.num_classes)
+    if model is None:
+        model = build_model(cfg, dataset.sample_shape, dataset.num_classes, dataset.label_shape)
+    adapter = TorchAdapter(cfg, checked_model(model, "model"), loss)
     return loop.run(cfg, dataset, run_dir, resume, adapter, threads)
