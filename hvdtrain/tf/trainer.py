@@ -51,7 +51,7 @@ def checked_model(model, origin: str) -> keras.Model:
 def loss_function(cfg: Config, loss=None):
     """The loss as hvdtrain's loop calls it, loss(outputs, targets) -> a scalar tensor. `loss` (or the
     configured entry point) follows Keras' convention, loss(y_true, y_pred), so users' Keras losses plug in
-    as they are. Regression outputs of the targets' size are reshaped to them ((N, 1) for scalar targets)."""
+    as they are; per-sample losses are averaged. Regression outputs of the targets' size are reshaped to them ((N, 1) for scalar targets)."""
     if loss is None:
         name = tasks.loss_name(cfg)
         loss = LOSSES[name]() if name in LOSSES else entrypoints.resolve(name, "train.loss")
@@ -60,8 +60,23 @@ def loss_function(cfg: Config, loss=None):
     def keras_order(outputs, targets):
         if regression and outputs.shape.rank != targets.shape.rank:
             outputs = tf.reshape(outputs, tf.shape(targets))
-        return loss(targets, outputs)
+        return tf.reduce_mean(loss(targets, outputs))  # Keras loss functions return one loss per sample
     return keras_order
+
+
+def _optimizer(cfg: Config):
+    t = cfg.train
+    if t.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=t.lr)
+    if t.optimizer == "lars":
+        return optim.Lars(learning_rate=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "lamb":
+        return optim.Lamb(learning_rate=t.lr, weight_decay=t.weight_decay)
+    return keras.optimizers.SGD(learning_rate=t.lr, momentum=exchange.optimizer_momentum(cfg))
+
+
+def _norm(grads) -> tf.Tensor:
+    return tf.linalg.global_norm(grads)
 
 
 class TensorFlowAdapter:

@@ -45,18 +45,19 @@ def checked_model(model, origin: str) -> torch.nn.Module:
 
 def loss_function(cfg: Config, loss=None):
     """loss(outputs, targets) -> a scalar tensor: the task's, the configured name, or a user's callable.
-    Regression outputs of the targets' size are reshaped to them ((N, 1) for scalar targets)."""
+    Regression outputs of the targets' size are reshaped to them ((N, 1) for scalar targets); per-sample
+    losses are averaged."""
     if loss is None:
         name = tasks.loss_name(cfg)
         loss = LOSSES[name] if name in LOSSES else entrypoints.resolve(name, "train.loss")
-    if tasks.get(cfg.task).classes:
-        return loss
+    regression = not tasks.get(cfg.task).classes
 
-    def regression_loss(outputs, targets):
-        if outputs.shape != targets.shape and outputs.numel() == targets.numel():
+    def scalar_loss(outputs, targets):
+        if regression and outputs.shape != targets.shape and outputs.numel() == targets.numel():
             outputs = outputs.reshape(targets.shape)
-        return loss(outputs, targets)
-    return regression_loss
+        value = loss(outputs, targets)
+        return value.mean() if value.dim() else value  # a loss with reduction="none": averaged
+    return scalar_loss
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
