@@ -237,8 +237,11 @@ def start_horovod(cfg: Config) -> int:
     hvd.init()
     world.attach(hvd)
     threads = runtime.threads_per_rank(world.local_size)
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # the user's script (hvdtrain.fit) built its model first: TensorFlow keeps its own pools
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or threads
     return threads
 
 
