@@ -234,7 +234,7 @@ def expect_exit_2(args, capsys, fragment):
 
 
 def test_missing_shard_set(tmp_path, capsys):
-    expect_exit_2(train_args(tmp_path, tmp_path / "nope", tmp_path / "nope2"), capsys, "nope: file not found")
+    expect_exit_2(train_args(tmp_path, tmp_path / "nope", tmp_path / "nope2"), capsys, "nope: no such file or directory")
 
 
 def test_corrupt_shard_checksum_and_hdf5_error(id_shards, tmp_path, capsys):
@@ -277,7 +277,7 @@ def test_labels_out_of_range_and_too_many_ranks(id_shards, capsys):
     expect_exit_2(["data", "verify", str(id_shards / "test")], capsys, "labels outside [0, 3)")
     test_set = Dataset(DataConfig(source="hdf5", train=str(id_shards / "test"), test=str(id_shards / "test")), 0)
     rank_data = test_set.for_rank(4, 0, 1)
-    with pytest.raises(ConfigError, match=r"shard-00000.h5: labels outside \[0, 3\)"):
+    with pytest.raises(ConfigError, match=r"shard-00000.h5: samples 0..12: label 7 outside the class range \[0, 3\)"):
         list(rank_data.batches(0, rank_data.steps_per_epoch))
     dataset = Dataset(DataConfig(source="hdf5", train=str(id_shards / "test"), test=str(id_shards / "test")), 0)
     with pytest.raises(ConfigError, match="60 samples cannot be shared by 64 ranks"):
