@@ -64,7 +64,9 @@ def _data_shard(args: argparse.Namespace) -> int:
     from hvdtrain.sources import open_source
 
     splits = open_source(args.source, args.test_fraction, args.seed, args.synthetic_shape, args.synthetic_classes,
-                         args.synthetic_count, origin="--source")
+                         args.synthetic_count, origin="--source", task=args.task,
+                         hdf5_options={"x_key": args.x_key, "y_key": args.y_key,
+                                       "one_sample": args.one_sample_per_file})
     written = writer.write_splits(splits, Path(args.out), args.shards, args.chunk_samples,
                                   None if args.compression == "none" else args.compression)
     for split, shard_set in written.items():
@@ -92,7 +94,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 def _data_verify(args: argparse.Namespace) -> int:
     from hvdtrain.shards.index import sets_under, verify
 
-    for shard_set in sets_under(args.path, args.x_key, args.y_key):
+    for shard_set in sets_under(args.path, args.x_key, args.y_key, args.one_sample_per_file, args.task != "regression"):
         for line in verify(shard_set):
             print(line)
         print(f"verified {shard_set.split}: {len(shard_set.shards)} shards, {shard_set.total} samples")
@@ -102,7 +104,8 @@ def _data_verify(args: argparse.Namespace) -> int:
 def _data_inspect(args: argparse.Namespace) -> int:
     from hvdtrain.shards.index import describe, sets_under
 
-    print("\n".join(describe(s) for s in sets_under(args.path, args.x_key, args.y_key)))
+    sets = sets_under(args.path, args.x_key, args.y_key, args.one_sample_per_file, args.task != "regression")
+    print("\n".join(describe(s) for s in sets))
     return 0
 
 
@@ -194,6 +197,17 @@ def _compression_methods() -> Sequence[str]:
 _modes, _methods = _names("mode(s)", _scaling_modes), _names("method(s)", _compression_methods)
 
 
+def _add_layout_arguments(command: argparse.ArgumentParser) -> None:
+    """How users' HDF5 files are laid out (the data.* keys of the same names)."""
+    from hvdtrain.config import TASKS
+
+    command.add_argument("--x-key", default="x", help="HDF5 files: the samples' dataset")
+    command.add_argument("--y-key", default="y", help="HDF5 files: the labels' dataset")
+    command.add_argument("--one-sample-per-file", action="store_true", help="HDF5 files: no sample axis")
+    command.add_argument("--task", default="classification", choices=TASKS,
+                         help="what the labels are: class ids (classification, segmentation masks) or float targets")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="hvdtrain", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
@@ -230,8 +244,9 @@ def parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     shard = data_sub.add_parser("shard", help="write train/ and test/ shard sets from a source")
     shard.add_argument("--source", required=True,
-                       help="digits, synthetic, npz:PATH (arrays x, y), or npy:DIR or DIR: a directory of "
-                            "x.npy/y.npy or NAME_x.npy/NAME_y.npy pairs (the in-memory sources training reads)")
+                       help="digits, synthetic, npz:PATH (arrays x, y), npy:DIR or DIR: a directory of "
+                            "x.npy/y.npy or NAME_x.npy/NAME_y.npy pairs (the in-memory sources training reads), "
+                            "or hdf5:PATH: your own HDF5 files (a directory, a glob or a file), converted once")
     shard.add_argument("--out", required=True, help="output directory (gets train/ and test/)")
     shard.add_argument("--shards", type=int, default=4,
                        help="shards in the train set (the test set gets as many, at most one per sample)")
@@ -242,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     shard.add_argument("--synthetic-shape", type=_shape, default=[3, 64, 64])
     shard.add_argument("--synthetic-classes", type=int, default=10)
     shard.add_argument("--synthetic-count", type=int, default=10000)
+    _add_layout_arguments(shard)
     shard.set_defaults(handler=_data_shard)
     synth = data_sub.add_parser("synth", help="write synthetic science data in real workloads' layouts "
                                               "(DeepCAM segmentation, CosmoFlow regression)")
@@ -258,8 +274,7 @@ def parser() -> argparse.ArgumentParser:
                                 ("inspect", _data_inspect, "summarise a shard set")):
         command = data_sub.add_parser(name, help=text)
         command.add_argument("path", help="a shard set, a `data shard` output, HDF5 files or a glob")
-        command.add_argument("--x-key", default="x")
-        command.add_argument("--y-key", default="y")
+        _add_layout_arguments(command)
         command.set_defaults(handler=handler)
 
     bench = sub.add_parser("bench", help="benchmarks that print their figures")

@@ -19,7 +19,8 @@ import numpy as np
 from hvdtrain.errors import ConfigError
 from hvdtrain.world import world
 
-SPECS = "digits, synthetic, npz:PATH, or npy:DIR (a directory of x.npy/y.npy or NAME_x.npy/NAME_y.npy pairs)"
+SPECS = ("digits, synthetic, npz:PATH, npy:DIR (a directory of x.npy/y.npy or NAME_x.npy/NAME_y.npy pairs), "
+         "or hdf5:PATH (users' HDF5 files: a directory, a glob or a file)")
 # Synthetic samples are generated this many bytes at a time. Part of what a seed means: changing it
 # changes every synthetic set.
 SYNTHETIC_BLOCK_BYTES = 1 << 20
@@ -215,10 +216,54 @@ def load_npy_pairs(directory: Path, origin: str) -> tuple[np.ndarray, np.ndarray
     return (x_parts[0] if len(x_parts) == 1 else np.concatenate(x_parts)), np.concatenate(y_parts)
 
 
+def hdf5_splits(spec: str, test_fraction: float, seed: int, origin: str, task: str = "classification",
+                x_key: str = "x", y_key: str = "y", one_sample: bool = False) -> Splits:
+    """Users' HDF5 files as a source (for `hvdtrain data shard`): samples and labels as stored, split by a
+    seeded shuffle; each read gathers its samples from the files in file order."""
+    from sklearn.model_selection import train_test_split
+
+    from hvdtrain import tasks
+    from hvdtrain.shards.index import open_set
+    from hvdtrain.shards.plan import Segment
+    from hvdtrain.shards.reader import ShardReader
+
+    kind = tasks.get(task)
+    shard_set = open_set(spec, x_key, y_key, origin=origin, one_sample=one_sample, count_classes=kind.classes)
+    reader = ShardReader(shard_set, task, shard_set.num_classes if kind.classes else None)
+    offsets = np.concatenate([[0], np.cumsum(shard_set.counts)])
+    n_test = _test_count(shard_set.total, test_fraction, origin)
+    train, test = train_test_split(np.arange(shard_set.total), test_size=n_test, random_state=seed)
+
+    def split(ids: np.ndarray) -> Source:
+        def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+            wanted = ids[start:stop]
+            order = np.argsort(wanted, kind="stable")
+            segments = []
+            for i in wanted[order]:
+                shard = int(np.searchsorted(offsets, i, side="right") - 1)
+                first = int(i - offsets[shard])
+                if segments and segments[-1].shard == shard and segments[-1].stop == first:
+                    segments[-1] = Segment(shard, segments[-1].start, first + 1)
+                else:
+                    segments.append(Segment(shard, first, first + 1))
+            x, y = reader.read(segments)
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            return x[inverse], y[inverse]
+        return Source(len(ids), tuple(shard_set.sample_shape), np.dtype(shard_set.x_dtype),
+                      shard_set.num_classes if kind.classes else 0, read, tuple(shard_set.label_shape),
+                      np.dtype(shard_set.y_dtype))  # labels written as stored (a uint8 mask stays uint8)
+
+    return {"train": split(np.sort(train)), "test": split(np.sort(test))}
+
+
 def open_source(spec: str, test_fraction: float, seed: int, synthetic_shape: Sequence[int] = (1, 8, 8),
                 synthetic_classes: int = 10, synthetic_count: int = 2048, origin: str = "data.source",
-                task: str = "classification") -> Splits:
-    """The train and test splits of `spec`; `origin` names the setting in error messages."""
+                task: str = "classification", hdf5_options: dict | None = None) -> Splits:
+    """The train and test splits of `spec`; `origin` names the setting in error messages.
+    hdf5_options: x_key, y_key, one_sample for an hdf5:PATH spec."""
+    if spec.startswith("hdf5:"):
+        return hdf5_splits(spec[len("hdf5:"):], test_fraction, seed, origin, task, **(hdf5_options or {}))
     if spec == "digits":
         return digits(test_fraction, seed, origin)
     if spec == "synthetic":

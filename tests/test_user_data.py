@@ -207,3 +207,29 @@ def test_cli_input_errors_are_one_line_exit_2(case, per_file_fields, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("hvdtrain: ") and "error:" in lines[0], proc.stderr
+
+
+def test_data_shard_converts_users_files_once(per_file_fields, tmp_path):
+    """`hvdtrain data shard --source hdf5:DIR` writes one-sample files as chunked shards, samples as stored."""
+    root, fields, masks, _, _ = per_file_fields
+    out = tmp_path / "shards"
+    hvdtrain("data", "shard", "--source", f"hdf5:{root}/train", "--x-key", "climate/data", "--y-key",
+             "climate/labels_0", "--one-sample-per-file", "--task", "segmentation", "--out", str(out), "--shards", "2",
+             "--test-fraction", "0.25")
+    hvdtrain("data", "verify", str(out), "--task", "segmentation")
+    written_x, written_y = [], []
+    for split in ("train", "test"):
+        for path in sorted((out / split).glob("*.h5")):
+            with h5py.File(path, "r") as handle:
+                assert handle["x"].dtype == np.float16 and handle["y"].dtype == np.uint8
+                written_x.append(handle["x"][()])
+                written_y.append(handle["y"][()])
+    written_x, written_y = np.concatenate(written_x), np.concatenate(written_y)
+    assert written_x.shape == (12, 16, 24, 4) and written_y.shape == (12, 16, 24)
+    ids = [int(np.argmin(np.abs(fields.astype(np.float32) - x.astype(np.float32)).reshape(12, -1).max(1))) for x in written_x]
+    assert sorted(ids) == list(range(12))
+    np.testing.assert_array_equal(written_x, fields[ids])
+    np.testing.assert_array_equal(written_y, masks[ids])
+    dataset = Dataset(DataConfig(source="hdf5", train=str(out / "train"), test=str(out / "test"), layout="nhwc"),
+                      seed=0, task="segmentation")
+    assert dataset.sample_shape == (4, 16, 24) and dataset.num_classes == 3

@@ -45,23 +45,21 @@ def mean_predictor_mse(root) -> float:
     return float(np.mean((targets("test") - targets("train").mean(0)) ** 2))
 
 
-@pytest.fixture(scope="module")
-def unet_torch_run(deepcam, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("deepcam-torch") / "run"
-    hvdtrain("train", "--config", str(REPO / "configs/deepcam-torch.yaml"), "--run-dir", str(run_dir),
+def unet_run(framework, deepcam, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp(f"deepcam-{framework}") / "run"
+    hvdtrain("train", "--config", str(REPO / f"configs/deepcam-{framework}.yaml"), "--run-dir", str(run_dir),
              *deepcam_args(deepcam), np=2, timeout=600)
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def unet_runs(deepcam, tmp_path_factory):
+    return {framework: unet_run(framework, deepcam, tmp_path_factory) for framework in ("torch", "tf")}
+
+
 @pytest.mark.parametrize("framework", ["torch", "tf"])
-def test_deepcam_unet_beats_the_majority_class(framework, deepcam, unet_torch_run, tmp_path):
-    if framework == "torch":
-        run_dir = unet_torch_run
-    else:
-        run_dir = tmp_path / "run"
-        hvdtrain("train", "--config", str(REPO / f"configs/deepcam-{framework}.yaml"), "--run-dir", str(run_dir),
-                 *deepcam_args(deepcam), np=2, timeout=600)
-    summary, baseline = summary_of(run_dir), majority_iou(deepcam)
+def test_deepcam_unet_beats_the_majority_class(framework, deepcam, unet_runs):
+    summary, baseline = summary_of(unet_runs[framework]), majority_iou(deepcam)
     final = summary["final"]
     print(f"deepcam {framework} np=2: test_mean_iou {final['test_mean_iou']:.4f} (majority class {baseline:.4f}), "
           f"pixel accuracy {final['test_pixel_accuracy']:.4f}")
@@ -144,11 +142,15 @@ def test_a_users_factory_loss_and_metric_from_files_outside_the_package(framewor
     assert f"{user}:tiny_net" in (run_dir / "config.yaml").read_text()
 
 
-def test_quantized_unet_keeps_its_iou(unet_torch_run):
-    proc = hvdtrain("quantize", "--run-dir", str(unet_torch_run), "--calibration", "64", "--max-metric-drop", "3")
-    report = json.loads((unet_torch_run / "quantize/quantize_report.json").read_text())
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_quantized_unet_keeps_its_iou(framework, unet_runs):
+    """The U-Net to int8: ONNX (onnxruntime) from the torch run, TFLite (LiteRT) from the Keras run."""
+    run_dir = unet_runs[framework]
+    proc = hvdtrain("quantize", "--run-dir", str(run_dir), "--calibration", "64", "--max-metric-drop", "3")
+    report = json.loads((run_dir / "quantize/quantize_report.json").read_text())
     fmt = report["formats"][0]
     print(proc.stdout.strip())
-    assert report["metric"] == "mean_iou" and fmt["within_bound"]
-    assert fmt["metric_drop"] <= 3 and fmt["size_ratio"] < 0.5 and fmt["int8"]["agreement"] > 0.9
-    assert "mean_iou" in (unet_torch_run / "quantize/quantize_report.md").read_text()
+    assert report["metric"] == "mean_iou" and fmt["format"] == ("onnx" if framework == "torch" else "tflite")
+    assert fmt["within_bound"] and fmt["metric_drop"] <= 3 and fmt["size_ratio"] < 0.5
+    assert fmt["int8"]["agreement"] > 0.9
+    assert "mean_iou" in (run_dir / "quantize/quantize_report.md").read_text()

@@ -2,5 +2,5 @@
 
 The converters (onnxruntime.quantization, TFLiteConverter) do the quantization; this package feeds them
 calibration samples from the training shards, evaluates fp32 and int8 models in the runtime that will run
-them on the device, applies the accuracy guard and writes the report.
+them on the device, applies the metric guard (the run's headline metric) and writes the report.
 """

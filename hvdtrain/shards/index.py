@@ -214,7 +214,8 @@ def verify(shard_set: ShardSet) -> list[str]:
     return lines
 
 
-def sets_under(spec: str, x_key: str = "x", y_key: str = "y") -> list[ShardSet]:
+def sets_under(spec: str, x_key: str = "x", y_key: str = "y", one_sample: bool = False,
+               count_classes: bool = True) -> list[ShardSet]:
     """The shard sets a user points at: a set, a `data shard` output (train/ and test/), or HDF5 files."""
     directory = Path(spec)
     if directory.is_dir() and not (directory / INDEX_NAME).is_file():
@@ -223,7 +224,8 @@ def sets_under(spec: str, x_key: str = "x", y_key: str = "y") -> list[ShardSet]:
             return [_read_index(p) for p in splits]
     if not directory.exists() and not any(c in spec for c in "*?["):
         raise ConfigError(f"{spec}: no such file or directory")
-    return [open_set(spec, x_key, y_key, split=directory.name or "data", origin=spec)]
+    return [open_set(spec, x_key, y_key, split=directory.name or "data", origin=spec, one_sample=one_sample,
+                     count_classes=count_classes)]
 
 
 def describe(shard_set: ShardSet) -> str:

@@ -32,8 +32,10 @@ def _write_shard(path: Path, source: Source, start: int, stop: int, chunk_sample
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
         x_ds = handle.create_dataset("x", shape=(count, *source.sample_shape), dtype=source.x_dtype,
                                      chunks=(chunk, *source.sample_shape), compression=compression)
-        y_ds = handle.create_dataset("y", shape=(count,), dtype=np.int64, chunks=(min(count, 1 << 16),),
-                                     compression=compression)
+        label_shape = tuple(source.label_shape)
+        label_chunk = min(count, max(1, (1 << 16) // max(1, int(np.prod(label_shape)))))
+        y_ds = handle.create_dataset("y", shape=(count, *label_shape), dtype=source.y_dtype,
+                                     chunks=(label_chunk, *label_shape), compression=compression)
         for first in range(0, count, step):
             last = min(count, first + step)
             x, y = source.read(start + first, start + last)
@@ -80,8 +82,8 @@ def write_set(source: Source, out: Path, shards: int, split: str, chunk_samples:
         return None
     shard_set = ShardSet(root=out, shards=[s for _, s in sorted(written, key=lambda item: item[0])],
                          sample_shape=tuple(source.sample_shape), x_dtype=np.dtype(source.x_dtype).name,
-                         y_dtype="int64", num_classes=source.num_classes, split=split,
-                         extra={"compression": compression or "none"})
+                         y_dtype=np.dtype(source.y_dtype).name, num_classes=source.num_classes, split=split,
+                         extra={"compression": compression or "none"}, label_shape=tuple(source.label_shape))
     write_json(out / INDEX_NAME, shard_set.to_json())
     return shard_set
 
