@@ -113,6 +113,9 @@ class TrainConfig(_Section):
     # lars / lamb: layer-wise trust ratios for large global batches (hvdtrain.torch.optim, hvdtrain.tf.optim)
     optimizer: Literal["sgd", "adam", "lars", "lamb"] = "sgd"
     lr: float = Field(0.05, gt=0, description="learning rate for one rank; scaled with the number of ranks")
+    # bf16: autocast to bfloat16 (CPUs with AVX-512 BF16/AMX, and GPUs from Ampere); fp16: float16 autocast
+    # with dynamic loss scaling (GPUs); the weights, the optimizer and the gradient exchange stay float32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     loss: Optional[str] = Field(None, description="cross_entropy, mse, mae, or an entry point "
                                 "'module:function' / 'file.py:function' in the framework's own argument order "
                                 "(torch: outputs, targets; Keras: y_true, y_pred); default: the task's")
@@ -204,6 +207,8 @@ class Config(_Section):
     framework: Literal["torch", "tensorflow"] = "torch"
     # sets the labels' kind, the default loss and the default metrics (hvdtrain.tasks)
     task: Literal[TASKS] = "classification"
+    # auto: one GPU per local rank where CUDA sees GPUs, else the CPU; cuda: fail in one line without one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics: Optional[list[str]] = Field(None, description="metrics on the held-out set, logged as test_NAME: "
                                          "built-in names or entry points; default: the task's")
     seed: int = 42

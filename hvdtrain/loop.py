@@ -53,6 +53,7 @@ class Adapter(Protocol):
 
     framework: str
     checkpoint_suffix: str
+    device_name: str  # where this rank computes: "cpu", "cuda:0 (NVIDIA H200)", ...
 
     def sum(self, values: list[float], name: str) -> list[float]: ...
     def gather_object(self, obj: Any, name: str) -> list: ...
@@ -303,6 +304,7 @@ class Trainer:
         self.lr_scale, self.rollbacks = 1.0, 0
         self.grad_norms: dict[str, float] = {}
         self.hosts: list[str] = []
+        self.devices: list[str] = []
 
     # start -------------------------------------------------------------------------------------
     def _prepare(self) -> tuple[Start, int]:
@@ -345,9 +347,11 @@ class Trainer:
 
     def _enter(self, progress) -> None:
         """Every (re)start of training, on every rank: name the ranks and hosts."""
-        self.hosts = self.adapter.gather_object(socket.gethostname(), "hosts")
+        placed = self.adapter.gather_object((socket.gethostname(), self.adapter.device_name), "hosts")
+        self.hosts, self.devices = [host for host, _ in placed], [device for _, device in placed]
         if world.is_root:
-            placement = ", ".join(f"rank {r} on {h}" for r, h in enumerate(self.hosts))
+            placement = ", ".join(f"rank {r} on {h}" + ("" if d == "cpu" else f" {d}")
+                                  for r, (h, d) in enumerate(placed))
             last = self.schedule.last_step if np.isfinite(self.schedule.last_step) else "end"
             print(f"hvdtrain: {world.size} rank{'s' if world.size > 1 else ''} ({placement}), "
                   f"{self.threads} threads per rank, steps {progress.step}..{last} of {self.schedule.total_steps}"
@@ -513,7 +517,8 @@ class Trainer:
             "framework": self.adapter.framework, "task": self.cfg.task, "headline": tasks.headline(self.cfg),
             "status": "stopped" if self.stopped_by else "completed",
             "stopped_by": self.stopped_by, "world_size": world.size, "elastic": self.schedule.elastic,
-            "resets": self.schedule.resets, "hosts": self.hosts, "threads_per_rank": self.threads,
+            "resets": self.schedule.resets, "hosts": self.hosts, "devices": self.devices,
+            "precision": self.cfg.train.precision, "threads_per_rank": self.threads,
             "steps": progress.step, "total_steps": self.schedule.total_steps,
             "global_batch": self.cfg.train.batch_size * world.size, "resumed_from": start.resumed_from,
             "final": self.record, "wall_seconds": time.perf_counter() - started,

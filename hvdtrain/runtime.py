@@ -2,6 +2,7 @@
 import os
 
 from hvdtrain.config import Config, HorovodConfig
+from hvdtrain.errors import ConfigError
 from hvdtrain.exchange import SPARSE_METHODS
 
 
@@ -66,3 +67,22 @@ def threads_per_rank(local_size: int) -> int:
     if allowed < total:  # bound by mpirun/srun: the binding is already this rank's share
         return allowed
     return max(1, total // max(1, local_size))
+
+
+def device_for_rank(requested: str, gpus: int, local_rank: int, local_size: int) -> str:
+    """`cpu` or `cuda:N`: one GPU per local rank. `gpus` is how many this process sees; where the launcher
+    gave each rank its own (Slurm's --gpus-per-task, CUDA_VISIBLE_DEVICES per rank) that is one, GPU 0."""
+    if requested == "cpu":
+        return "cpu"
+    if gpus == 0:
+        if requested == "cuda":
+            raise ConfigError(f"device: cuda, but rank {local_rank} on this node sees no CUDA device "
+                              "(no GPU, no CUDA build of the framework, or CUDA_VISIBLE_DEVICES empty); "
+                              "use device: auto or cpu")
+        return "cpu"
+    if gpus == 1:
+        return "cuda:0"
+    if local_rank >= gpus:
+        raise ConfigError(f"device: local rank {local_rank} of {local_size} has no GPU of its own ({gpus} visible "
+                          f"on this node): launch at most {gpus} ranks per node")
+    return f"cuda:{local_rank}"

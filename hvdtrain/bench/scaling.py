@@ -40,7 +40,10 @@ def worker(args: argparse.Namespace) -> None:
 
     shape = tuple(args.shape)
     cfg = Config.model_validate({"model": {"name": args.model, "width": args.width, "depth": args.depth},
-                                 "train": {"lr": 0.01, "momentum": 0.9, "batch_size": args.batch_size}})
+                                 "train": {"lr": 0.01, "momentum": 0.9, "batch_size": args.batch_size},
+                                 "device": args.device})
+    device = torch.device(runtime.device_for_rank(args.device, torch.cuda.device_count(), world.local_rank,
+                                                  world.local_size))
     if args.mode.startswith("horovod"):
         from hvdtrain.torch.trainer import TorchAdapter, build_model, start_horovod
 
@@ -66,12 +69,14 @@ def worker(args: argparse.Namespace) -> None:
             # under srun there is no torchrun: the rendezvous comes from Slurm's variables
             os.environ.setdefault("RANK", str(world.rank))
             os.environ.setdefault("WORLD_SIZE", str(world.size))
-            torch.distributed.init_process_group("gloo")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         torch.manual_seed(cfg.seed)
-        model = models.build(cfg, shape, 10, ())
+        model = models.build(cfg, shape, 10, ()).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         if args.mode == "ddp" and world.size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(model)
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
         def step(x, y, lr) -> tuple[float, float]:
             started = time.perf_counter()
@@ -84,8 +89,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
     rank, size = world.rank, world.size
     generator = torch.Generator().manual_seed(rank)
-    batches = [(torch.randn((args.batch_size, *shape), generator=generator),
-                torch.randint(0, 10, (args.batch_size,), generator=generator)) for _ in range(4)]
+    batches = [(torch.randn((args.batch_size, *shape), generator=generator).to(device),
+                torch.randint(0, 10, (args.batch_size,), generator=generator).to(device)) for _ in range(4)]
 
     timings = {"data": [], "forward_backward": [], "optimizer_step": [], "step": []}
     for i in range(args.warmup + args.steps):
@@ -93,12 +98,14 @@ def worker(args: argparse.Namespace) -> None:
         x, y = batches[i % len(batches)]
         t1 = time.perf_counter()
         compute, update = step(x, y, 0.01)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # GPU work is asynchronous: a step ends when its kernels have
         t3 = time.perf_counter()
         if i >= args.warmup:
             for key, value in zip(timings, (t1 - t0, compute, update, t3 - t0)):
                 timings[key].append(value)
     elapsed = sum(timings["step"])
-    result = {"mode": args.mode, "rank": rank, "size": size, "threads": threads,
+    result = {"mode": args.mode, "rank": rank, "size": size, "threads": threads, "device": str(device),
               "samples_per_s": args.batch_size * args.steps / elapsed,
               **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in timings.items()},
               "params": sum(p.numel() for p in model.parameters()),
@@ -180,7 +187,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     worker_args = ["--model", args.model, "--width", str(args.width), "--depth", str(args.depth),
                    "--shape", *map(str, args.shape), "--batch-size", str(args.batch_size),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(raw),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--device", args.device]
     # Repetitions interleave the modes, so a slow spell of a shared machine hits them alike.
     for repeat in range(args.repeats):
         for np in args.np:
@@ -204,6 +211,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                        help="cuda: one GPU per rank, DDP over NCCL, Horovod over its GPU build (NCCL)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per rank (1: each added rank adds a core, as weak scaling needs; "
                              "0: cores / ranks)")

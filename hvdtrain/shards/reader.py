@@ -84,11 +84,12 @@ class ShardReader:
         self.shard_set = shard_set
         self.task = tasks.get(task)
         self.num_classes = shard_set.num_classes if num_classes is None else num_classes
+        self.allocate = np.empty  # the batch buffers' allocator (page-locked memory on GPU nodes)
         self._open: dict[int, _OpenShard] = {}
         self._pid: Optional[int] = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": {}, "_pid": None}
+        return {**self.__dict__, "_open": {}, "_pid": None, "allocate": np.empty}
 
     @property
     def label_dtype(self) -> np.dtype:
@@ -225,7 +226,8 @@ def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_siz
 
     thread = threading.Thread(target=read_ahead, name="shard-read-ahead", daemon=True)
     thread.start()
-    x_batches = BatchBuffers(3, lambda: reader.buffers(batch_size)[0])
+    x_batches = BatchBuffers(3, lambda: reader.allocate((batch_size, *reader.shard_set.sample_shape),
+                                                        reader.shard_set.x_dtype))
     try:
         for _ in windows:
             window, buffers = ready.get()

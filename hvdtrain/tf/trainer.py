@@ -33,8 +33,13 @@ LOSSES = {"cross_entropy": lambda: keras.losses.SparseCategoricalCrossentropy(fr
           "mse": keras.losses.MeanSquaredError, "mae": keras.losses.MeanAbsoluteError}
 
 
+POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
 def build_model(cfg: Config, sample_shape, num_classes: int, label_shape=()) -> keras.Model:
-    """The configured model (hvdtrain.models), from the seed: every rank builds the same one."""
+    """The configured model (hvdtrain.models), from the seed: every rank builds the same one, under the
+    mixed-precision policy of train.precision (layers compute in bf16/fp16, variables stay float32)."""
+    keras.mixed_precision.set_global_policy(POLICIES[cfg.train.precision])
     keras.utils.set_random_seed(cfg.seed)
     return checked_model(models.build(cfg, sample_shape, num_classes, label_shape), models.source(cfg))
 
@@ -58,6 +63,7 @@ def loss_function(cfg: Config, loss=None):
     regression = not tasks.get(cfg.task).classes
 
     def keras_order(outputs, targets):
+        outputs = tf.cast(outputs, tf.float32)  # mixed precision: the loss in float32, as Keras advises
         if regression and outputs.shape.rank != targets.shape.rank:
             outputs = tf.reshape(outputs, tf.shape(targets))
         return tf.reduce_mean(loss(targets, outputs))  # Keras loss functions return one loss per sample
@@ -83,16 +89,23 @@ class TensorFlowAdapter:
     framework = "tensorflow"
     checkpoint_suffix = "npz"
 
-    def __init__(self, cfg: Config, model: keras.Model, sample_shape: tuple[int, ...], label_shape=(), loss=None):
+    def __init__(self, cfg: Config, model: keras.Model, sample_shape: tuple[int, ...], label_shape=(), loss=None,
+                 device_name: str | None = None):
+        """device_name: where start_horovod placed this rank (placement must precede building the model)."""
         self.cfg, self.sample_shape, self.label_shape = cfg, tuple(sample_shape), tuple(label_shape)
         self.task = tasks.get(cfg.task)
         self.model = model
+        self.device_name = device_name or place_device(cfg)
+        self.scaling = cfg.train.precision == "fp16"  # dynamic loss scaling, Keras' LossScaleOptimizer
+        self.skipped = 0
         self.optimizer = _optimizer(cfg)
+        if self.scaling:
+            self.optimizer = keras.mixed_precision.LossScaleOptimizer(self.optimizer)
         self.optimizer.build(self.model.trainable_variables)  # slots exist before they are broadcast
         self.lr = tf.Variable(cfg.train.lr, dtype=tf.float32, trainable=False)
         self.loss = loss_function(cfg, loss)
         self.flat = None
-        if runtime.exchange_mode(cfg, bool(tf.config.list_physical_devices("GPU"))) == "flat":
+        if runtime.exchange_mode(cfg, self.device_name != "cpu") == "flat":
             self.flat = FlatExchange(self.model.trainable_variables, cfg.compression, cfg.train.momentum)
         self.label_dtype = tf.as_dtype(self.task.label_dtype)
         signature = [tf.TensorSpec((None, *self.sample_shape), tf.float32),
@@ -103,19 +116,28 @@ class TensorFlowAdapter:
         else:
             self._step = tf.function(self._train_step, input_signature=signature)
 
+    def _scaled(self, loss):
+        return self.optimizer.get_scaled_loss(loss) if self.scaling else loss
+
+    def _unscaled(self, grads: list) -> list:
+        """The average of scaled gradients is the scaled average: unscale after the exchange."""
+        return self.optimizer.get_unscaled_gradients(grads) if self.scaling else grads
+
     def _train_step(self, x, y):
         with tf.GradientTape() as tape:
             loss = self.loss(self.model(x, training=True), y)
+            scaled = self._scaled(loss)
         if self.flat is None:
             variables = self.model.trainable_variables
             compression = COMPRESSORS.get(self.cfg.compression.method, hvd.Compression.none)
-            grads = hvd.DistributedGradientTape(tape, compression=compression).gradient(loss, variables)
+            grads = hvd.DistributedGradientTape(tape, compression=compression).gradient(scaled, variables)
             local_norm = tf.constant(-1.0)  # averaged inside the tape: this rank's own norm is never seen
         else:
             variables = self.flat.variables
-            local = self.flat.flatten(tape.gradient(loss, variables))
-            local_norm = tf.norm(local)
+            local = self.flat.flatten(tape.gradient(scaled, variables))
+            local_norm = tf.norm(self._unscaled([local])[0])
             grads = self.flat.unflatten(self.flat.average(local))
+        grads = self._unscaled(grads)
         self._update(grads, variables)
         return loss, _norm(grads), local_norm
 
@@ -130,10 +152,11 @@ class TensorFlowAdapter:
         """Sparse exchanges: the loss and this rank's gradients, flat in the exchange's layout."""
         with tf.GradientTape() as tape:
             loss = self.loss(self.model(x, training=True), y)
-        return loss, self.flat.flatten(tape.gradient(loss, self.flat.variables))
+            scaled = self._scaled(loss)
+        return loss, self.flat.flatten(tape.gradient(scaled, self.flat.variables))
 
     def _apply_flat(self, flat):
-        self._update(self.flat.unflatten(flat), self.flat.variables)
+        self._update(self.flat.unflatten(self._unscaled([flat])[0]), self.flat.variables)
 
     # collectives -------------------------------------------------------------------------------
     def sum(self, values: list[float], name: str) -> list[float]:
@@ -148,6 +171,8 @@ class TensorFlowAdapter:
     def broadcast_state(self) -> None:
         hvd.broadcast_variables(self.model.variables, root_rank=0)
         hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
+        if self._scale_state():
+            hvd.broadcast_variables(self._scale_state(), root_rank=0)
 
     # training ----------------------------------------------------------------------------------
     def batches(self, rank_data, start_step: int, last_step: int) -> Iterator:
@@ -159,19 +184,29 @@ class TensorFlowAdapter:
         self.lr.assign(lr)
         if self.flat is not None and self.flat.sparse:
             loss, flat = self._gradients(*batch)
-            local_norm = float(np.linalg.norm(flat))
+            scale = float(self.optimizer.loss_scale) if self.scaling else 1.0
+            local_norm = float(np.linalg.norm(flat)) / scale
             averaged = self.flat(flat)
             self._apply(averaged)
-            return loop.StepResult(float(loss), float(np.linalg.norm(averaged)), local_norm)
+            return loop.StepResult(float(loss), self._after_step(float(np.linalg.norm(averaged)) / scale), local_norm)
         loss, norm, local_norm = self._step(*batch)
         if self.flat is not None:
             self.flat.count_average()
-        return loop.StepResult(float(loss), float(norm), float(local_norm) if local_norm >= 0 else None)
+        return loop.StepResult(float(loss), self._after_step(float(norm)),
+                               float(local_norm) if local_norm >= 0 else None)
+
+    def _after_step(self, norm: float) -> float:
+        """fp16: a step with non-finite scaled gradients was skipped by the LossScaleOptimizer (which lowered
+        its scale): counted, not a divergence; a loss that stays non-finite still is."""
+        if self.scaling and not np.isfinite(norm):
+            self.skipped += 1
+            return 0.0
+        return norm
 
     def eval_sums(self, rank_data, metrics: MetricSet) -> list[float]:
         loss_sum, count, totals = 0.0, 0.0, metrics.zeros()
         for x, y in rank_data.eval_batches():
-            outputs = self.model(x, training=False)
+            outputs = tf.cast(self.model(x, training=False), tf.float32)
             loss_sum += float(self.loss(outputs, tf.constant(y))) * len(y)
             count += len(y)
             outputs = outputs.numpy()
@@ -184,6 +219,7 @@ class TensorFlowAdapter:
     def save(self, path: Path, meta: dict) -> None:
         arrays = {f"model/{i:04d}": w for i, w in enumerate(self.model.get_weights())}
         arrays.update({f"optimizer/{i:04d}": v.numpy() for i, v in enumerate(self.optimizer.variables)})
+        arrays.update({f"scaler/{i:04d}": v.numpy() for i, v in enumerate(self._scale_state())})
         arrays.update({f"meta/{k}": np.asarray(v) for k, v in meta.items()})
         with atomic_open(path, "wb") as handle:
             np.savez(handle, **arrays)
@@ -193,6 +229,8 @@ class TensorFlowAdapter:
             keys = sorted(state.files)
             self.model.set_weights([state[k] for k in keys if k.startswith("model/")])
             for variable, key in zip(self.optimizer.variables, [k for k in keys if k.startswith("optimizer/")]):
+                variable.assign(state[key])
+            for variable, key in zip(self._scale_state(), [k for k in keys if k.startswith("scaler/")]):
                 variable.assign(state[key])
             return {k.split("/", 1)[1]: state[k].item() for k in keys if k.startswith("meta/")}
 
@@ -214,7 +252,23 @@ class TensorFlowAdapter:
         if self.flat is not None:
             self.flat.load_state(state)
 
+    def _scale_state(self) -> list:
+        """fp16: the loss scale and its growth counter. Keras keeps them outside optimizer.variables (the
+        LossScaleOptimizer's are its inner optimizer's), in its loss-scale state."""
+        if not self.scaling:
+            return []
+        state = self.optimizer._loss_scale  # no public accessor for the scale variable itself
+        return [state.current_loss_scale, state.counter]
+
     def stats(self) -> dict:
+        extra = {}
+        if self.cfg.train.precision != "fp32":
+            extra["precision"] = self.cfg.train.precision
+        if self.scaling:
+            extra.update(loss_scale=float(self.optimizer.loss_scale), amp_skipped_steps=self.skipped)
+        return {**self._exchange_stats(), **extra}
+
+    def _exchange_stats(self) -> dict:
         if self.flat is not None:
             return self.flat.stats()
         # overlap sends every gradient each step (none on one rank), in half precision for fp16/bf16
@@ -229,6 +283,25 @@ class TensorFlowAdapter:
         """The trained model for `hvdtrain quantize` (rank 0), written atomically."""
         with atomic_path(run_dir / "model.keras", suffix=".keras") as tmp:
             self.model.save(tmp)
+
+
+def place_device(cfg: Config) -> str:
+    """One GPU per local rank (hvdtrain.runtime.device_for_rank): only that GPU is visible to this process,
+    with memory growth, so ranks neither place ops on GPU 0 together nor reserve every GPU's memory."""
+    gpus = tf.config.list_physical_devices("GPU")
+    device = runtime.device_for_rank(cfg.device, len(gpus), world.local_rank, world.local_size)
+    try:
+        if device == "cpu":
+            if gpus:
+                tf.config.set_visible_devices([], "GPU")
+        else:
+            gpu = gpus[int(device.split(":")[1])]
+            tf.config.set_visible_devices(gpu, "GPU")
+            tf.config.experimental.set_memory_growth(gpu, True)
+            device = f"{device} ({tf.config.experimental.get_device_details(gpu).get('device_name', 'GPU')})"
+    except RuntimeError:  # TensorFlow already initialised by the user's script (hvdtrain.fit): as it is
+        pass
+    return device
 
 
 def start_horovod(cfg: Config) -> int:
@@ -248,9 +321,11 @@ def start_horovod(cfg: Config) -> int:
 def train(cfg: Config, dataset: Dataset, run_dir: Path, resume: str, model=None, loss=None) -> dict[str, Any]:
     """Train the configured model (or `model`, a user's Keras model, with `loss`) on `dataset`."""
     threads = start_horovod(cfg)
+    device = place_device(cfg)  # before any model exists: TensorFlow fixes its devices when it starts
     if model is None:
         model = build_model(cfg, dataset.sample_shape, dataset.num_classes, dataset.label_shape)
-    adapter = TensorFlowAdapter(cfg, checked_model(model, "model"), dataset.sample_shape, dataset.label_shape, loss)
+    adapter = TensorFlowAdapter(cfg, checked_model(model, "model"), dataset.sample_shape, dataset.label_shape, loss,
+                                device)
     summary = loop.run(cfg, dataset, run_dir, resume, adapter, threads)
     if world.is_root:
         adapter.export(run_dir)

@@ -40,9 +40,17 @@ class WindowDataset(TorchDataset):
         return x, y
 
 
+def pinned_empty(shape, dtype) -> np.ndarray:
+    """A NumPy array in page-locked memory, for host-to-GPU copies that do not block."""
+    return torch.empty(tuple(shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
+
+
 def train_batches(rank_data, start_step: int, last_step: int, workers: int = 0,
-                  prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches for steps [start_step, last_step); with workers, windows are read ahead in other processes."""
+                  prefetch: int = 2, pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches for steps [start_step, last_step); with workers, windows are read ahead in other processes.
+    pin (GPU nodes): the shard reader's recycled batch buffers are page-locked."""
+    if pin and getattr(rank_data, "train_reader", None) is not None:
+        rank_data.train_reader.allocate = pinned_empty
     if rank_data.windows is None or workers == 0:
         for x, y in rank_data.batches(start_step, last_step):
             yield torch.from_numpy(x), torch.from_numpy(y)

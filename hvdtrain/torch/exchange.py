@@ -105,7 +105,8 @@ class FlatExchange(exchange.FlatExchangeBase):
         params = [p for p in params if p.requires_grad]
         order, large = exchange.layout([p.numel() for p in params], self.cfg)
         self.params = [params[i] for i in order]
-        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+        # on the parameters' device; a GPU buffer is exchanged through a host copy (see __call__)
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
         self.views, offset = [], 0
         for p in self.params:
             view = self.buffer[offset:offset + p.numel()].view_as(p)
@@ -129,7 +130,12 @@ class FlatExchange(exchange.FlatExchangeBase):
             elif p.grad is not view:  # autograd replaced the view (e.g. a sparse or reshaped gradient)
                 view.copy_(p.grad)
                 p.grad = view
-        self.core(self.buffer.numpy())
+        if self.buffer.is_cuda:  # the framework-free exchange works on host memory
+            host = self.buffer.cpu()
+            self.core(host.numpy())
+            self.buffer.copy_(host, non_blocking=False)
+        else:
+            self.core(self.buffer.numpy())
 
 
 # Library mode -------------------------------------------------------------------------------------------

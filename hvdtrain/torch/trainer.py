@@ -78,11 +78,16 @@ class TorchAdapter:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loss=None):
         self.cfg = cfg
-        self.model = model
+        self.device = torch.device(runtime.device_for_rank(cfg.device, torch.cuda.device_count(), world.local_rank,
+                                                           world.local_size))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL and every implicit CUDA call use this rank's GPU
+        self.model = model.to(self.device)  # before the optimizer: it holds the parameters where they live
         self.loss = loss_function(cfg, loss)
         self.optimizer = _optimizer(cfg, self.model)
+        self.precision = Precision(cfg.train.precision, self.device.type)
         self.flat = None
-        if runtime.exchange_mode(cfg, torch.cuda.is_available()) == "overlap":
+        if runtime.exchange_mode(cfg, self.device.type == "cuda") == "overlap":
             compression = COMPRESSORS.get(cfg.compression.method, hvd.Compression.none)
             self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.model.named_parameters(),
                                                       compression=compression)
@@ -107,34 +112,54 @@ class TorchAdapter:
         state = hvd.broadcast_object(self.optimizer.state_dict(), root_rank=0, name="optimizer_state")
         if world.rank != 0:
             self.optimizer.load_state_dict(state)
+        if self.precision.scaler.is_enabled():  # fp16: rank 0's loss scale (fresh, or from its checkpoint)
+            scaler_state = hvd.broadcast_object(self.precision.scaler.state_dict(), root_rank=0, name="scaler_state")
+            if world.rank != 0:
+                self.precision.scaler.load_state_dict(scaler_state)
 
     # training ----------------------------------------------------------------------------------
+    @property
+    def device_name(self) -> str:
+        return str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")
+
     def batches(self, rank_data, start_step: int, last_step: int) -> Iterator:
-        return train_batches(rank_data, start_step, last_step, self.cfg.data.workers, self.cfg.data.prefetch)
+        return train_batches(rank_data, start_step, last_step, self.cfg.data.workers, self.cfg.data.prefetch,
+                             pin=self.device.type == "cuda")
+
+    def _to_device(self, part) -> torch.Tensor:
+        # from pinned memory (the reader's batch buffers on GPU nodes) the copy runs beside the host;
+        # the buffer is not reused before loss.item() at the step's end has waited for it
+        return torch.as_tensor(part).to(self.device, non_blocking=True)
 
     def train_step(self, batch, lr: float) -> loop.StepResult:
-        x, y = (torch.as_tensor(part) for part in batch)  # NumPy batches (elastic rounds) without a copy
+        x, y = (self._to_device(part) for part in batch)  # NumPy batches (elastic rounds) without a copy
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.flat is not None:
             self.flat.zero_grad()
         else:
             self.optimizer.zero_grad()
+        scaler = self.precision.scaler
         started = time.perf_counter()
-        loss = self.loss(self.model(x), y)
-        loss.backward()
+        with self.precision.autocast():
+            loss = self.loss(self.model(x), y)
+        scaler.scale(loss).backward()
         computed = time.perf_counter()
         if self.flat is not None:
-            local_norm = float(torch.linalg.vector_norm(self.flat.buffer))
-            self.flat()
+            local_norm = float(torch.linalg.vector_norm(self.flat.buffer)) / scaler.get_scale()
+            self.flat()  # the average of scaled gradients is the scaled average
+            scaler.unscale_(self.optimizer)
             norm = float(torch.linalg.vector_norm(self.flat.buffer))
-            self.optimizer.step()
+            scaler.step(self.optimizer)
         else:  # overlap: the allreduces ran from backward's hooks, into the gradients themselves
+            # Horovod's AMP recipe: synchronize, unscale, then step without a second synchronize
             local_norm = None
             self.optimizer.synchronize()
+            scaler.unscale_(self.optimizer)
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None]))
             with self.optimizer.skip_synchronize():
-                self.optimizer.step()
+                scaler.step(self.optimizer)
+        norm = self.precision.after_step(norm)
         # where the step's time went, for `bench scaling` (overlap's exchange partly hides in backward)
         self.phase_seconds = {"forward_backward": computed - started, "update": time.perf_counter() - computed}
         return loop.StepResult(loss.item(), norm, local_norm)
@@ -144,11 +169,13 @@ class TorchAdapter:
         self.model.eval()
         with torch.no_grad():
             for x, y in rank_data.eval_batches():
-                x, y = torch.from_numpy(x), torch.from_numpy(y)
-                outputs = self.model(x)
-                loss_sum += float(self.loss(outputs, y)) * len(y)
+                x, y = self._to_device(x), self._to_device(y)
+                with self.precision.autocast():
+                    outputs = self.model(x)
+                    loss_sum += float(self.loss(outputs, y)) * len(y)
                 count += len(y)
-                totals += metrics.sums(outputs.float().numpy(), y.numpy())  # class axis 1, as torch has it
+                # class axis 1, as torch has it
+                totals += metrics.sums(outputs.float().cpu().numpy(), y.cpu().numpy())
         self.model.train()
         return [loss_sum, count, *totals]
 
@@ -156,7 +183,8 @@ class TorchAdapter:
     def save(self, path: Path, meta: dict) -> None:
         with atomic_open(path, "wb") as handle:
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "torch_rng": torch.get_rng_state(), **meta}, handle)
+                        "torch_rng": torch.get_rng_state(), "scaler": self.precision.scaler.state_dict(), **meta},
+                       handle)
 
     def load(self, path: Path) -> dict:
         # weights_only: a checkpoint is data; never unpickle code from a file.
@@ -165,6 +193,8 @@ class TorchAdapter:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler") and self.precision.scaler.is_enabled():  # fp16: the loss scale and its counters
+            self.precision.scaler.load_state_dict(state["scaler"])
         return state
 
     def exchange_state(self) -> dict[str, np.ndarray]:
@@ -198,6 +228,9 @@ class TorchAdapter:
         return digest.hexdigest()
 
     def stats(self) -> dict:
+        return {**self._exchange_stats(), **self.precision.stats()}
+
+    def _exchange_stats(self) -> dict:
         if self.flat is not None:
             return self.flat.stats()
         # overlap sends every gradient each step, in half precision for fp16/bf16
@@ -207,6 +240,39 @@ class TorchAdapter:
 
     def versions(self) -> dict:
         return {"torch": torch.__version__, "horovod": horovod.__version__, "numpy": np.__version__}
+
+
+class Precision:
+    """train.precision: autocast to bf16 or fp16 around forward and loss; fp16 with a gradient scaler.
+
+    Weights, optimizer state and the exchanged gradients stay float32. A step the scaler skips (non-finite
+    scaled gradients, its way of finding the loss scale) is not a divergence: it reports a gradient norm
+    of 0 and is counted; a loss that stays non-finite is still caught by the loop."""
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, precision: str, device_type: str):
+        self.precision, self.device_type = precision, device_type
+        self.scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+        self.skipped = 0
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.DTYPES.get(self.precision, torch.bfloat16),
+                              enabled=self.precision != "fp32")
+
+    def after_step(self, norm: float) -> float:
+        if self.scaler.is_enabled():
+            self.scaler.update()
+            if not np.isfinite(norm):  # the scaler skipped this step and lowered its scale
+                self.skipped += 1
+                return 0.0
+        return norm
+
+    def stats(self) -> dict:
+        if not self.scaler.is_enabled():
+            return {"precision": self.precision} if self.precision != "fp32" else {}
+        return {"precision": self.precision, "loss_scale": float(self.scaler.get_scale()),
+                "amp_skipped_steps": self.skipped}
 
 
 def _create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
