@@ -22,7 +22,7 @@ import numpy as np
 from hvdtrain import tasks
 from hvdtrain.config import DataConfig
 from hvdtrain.errors import ConfigError
-from hvdtrain.shards.index import ShardSet, open_set, verify
+from hvdtrain.shards.index import open_set, verify
 from hvdtrain.shards.plan import Segment, ShardPlan, Window, eval_segments
 from hvdtrain.shards.reader import ShardReader, prefetched_batches
 from hvdtrain.sources import open_source

@@ -28,6 +28,16 @@ def needs_image(name: str, sample_shape, dims: int = 2) -> None:
         raise ConfigError(f"model.name: {name} needs {what} samples, the data has shape {tuple(sample_shape)}")
 
 
+def check_unet(sample_shape, num_classes, depth: int) -> None:
+    """What both frameworks' U-Nets need: an image, classes per pixel, sides that `depth` poolings halve."""
+    needs_image("unet", sample_shape)
+    if not num_classes:
+        raise ConfigError("model.name: unet predicts a class per pixel: use it with task: segmentation")
+    if any(d % 2 ** depth for d in sample_shape[1:]):
+        raise ConfigError(f"model.depth: unet with depth {depth} needs height and width divisible by "
+                          f"{2 ** depth}, the samples are {tuple(sample_shape[1:])}")
+
+
 def source(cfg) -> str:
     """The factory a config names, for messages and reports."""
     return cfg.model.factory or f"{ZOO[cfg.framework]}:{cfg.model.name}"

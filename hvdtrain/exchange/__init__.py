@@ -15,9 +15,9 @@ from hvdtrain.exchange.auto import AutoPolicy, link_bandwidth, worth_compressing
 from hvdtrain.exchange.collectives import Collectives, WorldCollectives
 from hvdtrain.exchange.core import ByteCounter, Exchange, FlatExchangeBase
 from hvdtrain.exchange.feedback import ErrorFeedback, MomentumCorrection
-from hvdtrain.exchange.layout import SPARSE_METHODS, layout, optimizer_momentum
+from hvdtrain.exchange.layout import LIBRARY_METHODS, SPARSE_METHODS, library_compression, layout, optimizer_momentum
 from hvdtrain.exchange.methods import AllgatherTopK, Dense, SharedTopK, density
 
 __all__ = ["AllgatherTopK", "AutoPolicy", "ByteCounter", "Collectives", "Dense", "ErrorFeedback", "Exchange",
-           "FlatExchangeBase", "MomentumCorrection", "SPARSE_METHODS", "SharedTopK", "density", "layout", "link_bandwidth",
+           "FlatExchangeBase", "LIBRARY_METHODS", "MomentumCorrection", "SPARSE_METHODS", "library_compression", "SharedTopK", "density", "layout", "link_bandwidth",
            "optimizer_momentum", "worth_compressing", "WorldCollectives"]

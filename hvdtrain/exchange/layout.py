@@ -25,3 +25,23 @@ def layout(sizes: Sequence[int], cfg: CompressionConfig) -> tuple[list[int], lis
 def optimizer_momentum(cfg: Config) -> float:
     """The optimizer's SGD momentum: none under momentum correction, where the exchange applies it."""
     return 0.0 if cfg.compression.momentum_correction else cfg.train.momentum
+
+
+LIBRARY_METHODS = ("none", "fp16", "bf16", *SPARSE_METHODS)
+
+
+def library_compression(compression):
+    """Library mode's `compression` argument as hvdtrain's CompressionConfig, or None for a Horovod
+    compressor (the caller then hands everything to Horovod's own optimizer or tape)."""
+    from hvdtrain.config import CompressionConfig
+
+    if isinstance(compression, str):
+        if compression not in LIBRARY_METHODS:
+            raise ValueError(f"compression: unknown method {compression!r} (use {', '.join(LIBRARY_METHODS)} or "
+                             "a Horovod compressor)")
+        compression = CompressionConfig(method=compression)
+    if not isinstance(compression, CompressionConfig):
+        return None
+    if compression.momentum_correction:
+        raise ValueError("compression.momentum_correction needs hvdtrain's own training loop (hvdtrain train)")
+    return compression

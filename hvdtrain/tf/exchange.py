@@ -116,7 +116,6 @@ class FlatExchange(exchange.FlatExchangeBase):
 
 
 # Library mode -------------------------------------------------------------------------------------------
-METHODS = ("none", "fp16", "bf16", *exchange.SPARSE_METHODS)
 # One exchange per (variables, method): a user's loop makes a new tape every step, but the residuals of
 # error feedback and the step count must live on.
 _EXCHANGES: dict = {}
@@ -166,17 +165,11 @@ def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "", d
     hvdtrain.config.CompressionConfig for its options. hvdtrain's methods average all gradients in one flat
     tensor (sparse ones with error feedback, outside the graph through tf.py_function), op=Average only.
     """
-    if isinstance(compression, str):
-        if compression not in METHODS:
-            raise ValueError(f"compression: unknown method {compression!r} (use {', '.join(METHODS)} or "
-                             "a Horovod compressor)")
-        compression = CompressionConfig(method=compression)
-    if not isinstance(compression, CompressionConfig):
+    config = exchange.library_compression(compression)
+    if config is None:
         return hvd.DistributedGradientTape(gradtape, device_dense=device_dense, device_sparse=device_sparse,
                                            compression=compression, sparse_as_dense=sparse_as_dense, op=op,
                                            **horovod_kwargs)
     if op != hvd.Average or horovod_kwargs:
         raise ValueError(f"hvdtrain's compression methods average: op=Average only, and no {sorted(horovod_kwargs)}")
-    if compression.momentum_correction:
-        raise ValueError("compression.momentum_correction needs hvdtrain's own training loop (hvdtrain train)")
-    return _FlatGradientTape(gradtape, compression)
+    return _FlatGradientTape(gradtape, config)

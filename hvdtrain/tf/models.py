@@ -12,8 +12,7 @@ from typing import Optional, Sequence
 import hvdtrain.tf  # noqa: F401  (tf-keras before TensorFlow)
 import tensorflow as tf
 
-from hvdtrain.errors import ConfigError
-from hvdtrain.models import groups as _groups, needs_image as _needs_image
+from hvdtrain.models import check_unet, groups as _groups, needs_image as _needs_image
 
 keras = tf.keras
 
@@ -75,12 +74,7 @@ def _double_conv(x, width: int):
 
 
 def unet(sample_shape, num_classes=None, target_shape=None, width: int = 16, depth: int = 2) -> keras.Model:
-    _needs_image("unet", sample_shape)
-    if not num_classes:
-        raise ConfigError("model.name: unet predicts a class per pixel: use it with task: segmentation")
-    if any(d % 2 ** depth for d in sample_shape[1:]):
-        raise ConfigError(f"model.depth: unet with depth {depth} needs height and width divisible by "
-                          f"{2 ** depth}, the samples are {tuple(sample_shape[1:])}")
+    check_unet(sample_shape, num_classes, depth)
     inputs = keras.Input(tuple(sample_shape))
     x, skips = _channels_last(inputs), []
     for i in range(depth + 1):

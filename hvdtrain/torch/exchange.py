@@ -139,9 +139,6 @@ class FlatExchange(exchange.FlatExchangeBase):
 
 
 # Library mode -------------------------------------------------------------------------------------------
-METHODS = ("none", "fp16", "bf16", *exchange.SPARSE_METHODS)
-
-
 class _FlatDistributedOptimizer(torch.optim.Optimizer):
     """The user's optimizer class with hvdtrain's flat exchange before each step (see DistributedOptimizer)."""
 
@@ -182,18 +179,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     (with error feedback for the sparse ones) and need op=Average and one backward pass per step. The
     result is an instance of the optimizer's own class, as with Horovod: learning-rate schedulers work.
     """
-    if isinstance(compression, str):
-        if compression not in METHODS:
-            raise ValueError(f"compression: unknown method {compression!r} (use {', '.join(METHODS)} or "
-                             "a Horovod compressor)")
-        compression = CompressionConfig(method=compression)
-    if not isinstance(compression, CompressionConfig):
+    config = exchange.library_compression(compression)
+    if config is None:
         return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
                                         backward_passes_per_step=backward_passes_per_step, op=op, **horovod_kwargs)
     if backward_passes_per_step != 1 or op != hvd.Average or horovod_kwargs:
         raise ValueError("hvdtrain's compression methods average once per step: backward_passes_per_step=1 and "
                          f"op=Average only, and no {sorted(horovod_kwargs)}")
-    if compression.momentum_correction:
-        raise ValueError("compression.momentum_correction needs hvdtrain's own training loop (hvdtrain train)")
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_FlatDistributedOptimizer.__dict__))
-    return cls(optimizer.param_groups, compression)
+    return cls(optimizer.param_groups, config)

@@ -16,8 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from hvdtrain.errors import ConfigError
-from hvdtrain.models import groups as _groups, needs_image as _needs_image
+from hvdtrain.models import check_unet, groups as _groups, needs_image as _needs_image
 
 
 def _outputs(num_classes: Optional[int], target_shape: Optional[Sequence[int]]) -> tuple[int, list[nn.Module]]:
@@ -108,12 +107,7 @@ class UNet(nn.Module):
 
 
 def unet(sample_shape, num_classes=None, target_shape=None, width: int = 16, depth: int = 2) -> nn.Module:
-    _needs_image("unet", sample_shape)
-    if not num_classes:
-        raise ConfigError("model.name: unet predicts a class per pixel: use it with task: segmentation")
-    if any(d % 2 ** depth for d in sample_shape[1:]):
-        raise ConfigError(f"model.depth: unet with depth {depth} needs height and width divisible by "
-                          f"{2 ** depth}, the samples are {tuple(sample_shape[1:])}")
+    check_unet(sample_shape, num_classes, depth)
     return UNet(sample_shape[0], num_classes, width, depth)
 
 
