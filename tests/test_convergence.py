@@ -12,7 +12,7 @@ from conftest import BIN, REPO, hvdtrain, run
 from hvdtrain.cli import main
 
 BAR = 0.97
-SEEDS = (1, 2, 3)
+SEEDS = (1, 2)  # two seeds per (framework, ranks): a third added 5 minutes to CI
 
 
 @pytest.fixture(scope="module")

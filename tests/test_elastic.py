@@ -100,7 +100,9 @@ def test_a_one_rank_job_grows_to_two_and_keeps_training(method, tmp_path):
 
 
 def test_workers_leave_and_join_without_repeating_or_skipping_samples(tmp_path):
-    proc, hosts, run_dir = elastic_job(tmp_path, 2, "data.audit=true")
+    # rounds of one batch: a commit point (where a resize takes effect) after every step, so the resizes
+    # land inside an epoch however fast the epochs run
+    proc, hosts, run_dir = elastic_job(tmp_path, 2, "data.audit=true", "data.shuffle_buffer_mb=0.005")
     try:
         lines = Lines(proc)
         lines.wait_for("epoch 2:")

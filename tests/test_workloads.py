@@ -76,7 +76,7 @@ def test_cosmoflow_cnn3d_beats_the_mean(framework, cosmoflow, tmp_path):
     print(f"cosmoflow {framework} np=2: test_mse {summary['final']['test_mse']:.4f} (the mean predicts "
           f"{baseline:.4f}), test_mae {summary['final']['test_mae']:.4f}")
     assert summary["weights_identical"] and summary["headline"] == "test_mse"
-    assert summary["final"]["test_mse"] < 0.9 * baseline
+    assert summary["final"]["test_mse"] < 0.5 * baseline
 
 
 USER_TORCH = '''

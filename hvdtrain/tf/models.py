@@ -92,8 +92,7 @@ def cnn3d(sample_shape, num_classes=None, target_shape=None, width: int = 16, de
     inputs = keras.Input(tuple(sample_shape))
     x = _channels_last(inputs)
     for i in range(depth):
-        x = keras.layers.Conv3D(width * 2 ** i, 3, padding="same")(x)
-        x = keras.layers.GroupNormalization(_groups(width * 2 ** i))(x)
+        x = keras.layers.Conv3D(width * 2 ** i, 3, padding="same")(x)  # no normalisation (see the torch twin)
         x = keras.layers.LeakyReLU(0.1)(x)
         x = keras.layers.MaxPooling3D(2)(x)
     x = keras.layers.GlobalAveragePooling3D()(x)

@@ -112,14 +112,15 @@ def unet(sample_shape, num_classes=None, target_shape=None, width: int = 16, dep
 
 
 def cnn3d(sample_shape, num_classes=None, target_shape=None, width: int = 16, depth: int = 3) -> nn.Module:
-    """CosmoFlow-style 3-D CNN: `depth` blocks of convolution and pooling, global average, two dense layers."""
+    """CosmoFlow-style 3-D CNN: `depth` blocks of convolution and pooling, global average, two dense layers.
+    No normalisation layers, as in the MLPerf reference: per-sample normalisation would remove the
+    volume's mean density, which is what the parameters set."""
     _needs_image("cnn3d", sample_shape, dims=3)
     out, shape = _outputs(num_classes, target_shape)
     layers: list[nn.Module] = []
     channels = sample_shape[0]
     for i in range(depth):
-        layers += [nn.Conv3d(channels, width * 2 ** i, 3, padding=1), nn.GroupNorm(_groups(width * 2 ** i), width * 2 ** i),
-                   nn.LeakyReLU(0.1), nn.MaxPool3d(2)]
+        layers += [nn.Conv3d(channels, width * 2 ** i, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool3d(2)]
         channels = width * 2 ** i
     return nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(),
                          nn.Linear(channels, 4 * width), nn.LeakyReLU(0.1), nn.Linear(4 * width, out), *shape)
