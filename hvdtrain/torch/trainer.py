@@ -159,7 +159,8 @@ class TorchAdapter:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None]))
             with self.optimizer.skip_synchronize():
                 scaler.step(self.optimizer)
-        norm = self.precision.after_step(norm)
+        if self.precision.skipped_step(norm):  # fp16: the scaler skipped it; no norm to report
+            norm, local_norm = 0.0, (None if local_norm is None else 0.0)
         # where the step's time went, for `bench scaling` (overlap's exchange partly hides in backward)
         self.phase_seconds = {"forward_backward": computed - started, "update": time.perf_counter() - computed}
         return loop.StepResult(loss.item(), norm, local_norm)
@@ -260,13 +261,16 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.DTYPES.get(self.precision, torch.bfloat16),
                               enabled=self.precision != "fp32")
 
-    def after_step(self, norm: float) -> float:
-        if self.scaler.is_enabled():
-            self.scaler.update()
-            if not np.isfinite(norm):  # the scaler skipped this step and lowered its scale
-                self.skipped += 1
-                return 0.0
-        return norm
+    def skipped_step(self, norm: float) -> bool:
+        """After the optimizer step: update the scale; whether the scaler skipped the step (non-finite
+        unscaled gradients: it lowers its scale and tries again)."""
+        if not self.scaler.is_enabled():
+            return False
+        self.scaler.update()
+        if np.isfinite(norm):
+            return False
+        self.skipped += 1
+        return True
 
     def stats(self) -> dict:
         if not self.scaler.is_enabled():
