@@ -35,15 +35,19 @@ class RawLayout:
     offsets: np.ndarray  # byte offset of each chunk in the file; -1 where a chunk was never written
 
 
-def raw_layout(handle: h5py.File, ds: h5py.Dataset, dtype: np.dtype) -> Optional[RawLayout]:
-    """The dataset's raw layout when its bytes are exactly the samples in `dtype`, else None."""
+def raw_layout(handle: h5py.File, ds: h5py.Dataset, dtype: np.dtype, one_sample: bool = False) -> Optional[RawLayout]:
+    """The dataset's raw layout when its bytes are exactly the samples in `dtype`, else None.
+    one_sample: the dataset is one sample (no sample axis): raw-read only when contiguous."""
     plist = ds.id.get_create_plist()
     if (ds.dtype != dtype or plist.get_nfilters() or plist.get_external_count() or handle.userblock_size
             or plist.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED)):
         return None
     if ds.chunks is None:
         offset = ds.id.get_offset()
-        return None if offset is None else RawLayout(max(1, ds.shape[0]), np.array([offset], np.int64))
+        samples = 1 if one_sample else max(1, ds.shape[0])
+        return None if offset is None else RawLayout(samples, np.array([offset], np.int64))
+    if one_sample:
+        return None
     if tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
         return None  # a sample is split across chunks
     chunk = ds.chunks[0]
@@ -56,23 +60,12 @@ def raw_layout(handle: h5py.File, ds: h5py.Dataset, dtype: np.dtype) -> Optional
     return RawLayout(chunk, offsets)
 
 
-def _single_sample_layout(handle: h5py.File, ds: h5py.Dataset, dtype: np.dtype) -> Optional[RawLayout]:
-    plist = ds.id.get_create_plist()
-    if (ds.dtype != dtype or ds.chunks is not None or plist.get_nfilters() or plist.get_external_count()
-            or handle.userblock_size or plist.get_layout() != h5py.h5d.CONTIGUOUS):
-        return None
-    offset = ds.id.get_offset()
-    return None if offset is None else RawLayout(1, np.array([offset], np.int64))
-
-
 class _OpenShard:
     """One shard's open handles in this process."""
 
     def __init__(self, handle: h5py.File, x: h5py.Dataset, y: h5py.Dataset, dtype: np.dtype, one_sample: bool):
         self.handle, self.x, self.y, self.one_sample = handle, x, y, one_sample
-        # a file holding one sample: raw-read when contiguous (its offset is the sample's)
-        self.layout = (raw_layout(handle, x, dtype) if not one_sample else
-                       _single_sample_layout(handle, x, dtype))
+        self.layout = raw_layout(handle, x, dtype, one_sample)
         self.raw = open(handle.filename, "rb", buffering=0) if self.layout is not None else None
 
 
