@@ -211,7 +211,7 @@ class Config(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     metrics: Optional[list[str]] = Field(None, description="metrics on the held-out set, logged as test_NAME: "
                                          "built-in names or entry points; default: the task's")
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="seeds the split, the shuffle and the weights (numpy takes 0..2**32-1)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -1,5 +1,7 @@
 """`hvdtrain quantize`: int8 round trips in their runtimes, the accuracy guard, bad input."""
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +90,21 @@ def test_missing_or_corrupt_checkpoint_is_exit_2(torch_run, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = hvdtrain("quantize", "--run-dir", str(torch_run), "--format", "tflite", check=False)
     assert proc.returncode == 2 and "a torch run exports onnx" in proc.stderr
+
+
+def test_tflite_runs_a_group_norm_unet_at_any_batch():
+    """tf-keras's GroupNormalization converts, at a free batch size, to a broadcast LiteRT cannot prepare
+    (measured: BROADCAST_TO failed to prepare, ai-edge-litert 2.3.0): such models are fixed at batch 1 and
+    larger batches are fed a sample at a time, with the Keras model's outputs."""
+    pytest.importorskip("tensorflow")
+    import hvdtrain.tf  # noqa: F401
+    from hvdtrain.quantize import tflite_path
+    from hvdtrain.tf import models
+
+    model = models.unet((4, 16, 16), num_classes=3, width=8, depth=1)
+    x = np.random.default_rng(0).random((5, 4, 16, 16), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as out:
+        predict = tflite_path.session(tflite_path.convert(model, Path(out) / "unet.tflite", None))
+        np.testing.assert_allclose(predict(x), model(x).numpy(), atol=1e-4)
+        int8 = tflite_path.session(tflite_path.convert(model, Path(out) / "unet-int8.tflite", x))
+        assert int8(x).shape == (5, 16, 16, 3)
