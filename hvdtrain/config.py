@@ -183,8 +183,9 @@ class HorovodConfig(_Section):
 
 class CompressionConfig(_Section):
     # none | fp16 | bf16 | topk (allgather of values+indices, error feedback) | shared_topk (one index set
-    # per step chosen by a rotating leader, allreduce of values) | auto (measured choice of none vs topk)
-    method: Literal["none", "fp16", "bf16", "topk", "shared_topk", "auto"] = "none"
+    # per step chosen by a rotating leader, allreduce of values) | powersgd (rank-r factors of each matrix,
+    # error feedback, warm start) | auto (measured choice of none, topk and powersgd)
+    method: Literal["none", "fp16", "bf16", "topk", "shared_topk", "powersgd", "auto"] = "none"
     ratio: float = Field(0.01, gt=0, le=1, description="top-k: share of each tensor's entries sent per step")
     min_size: int = Field(4096, ge=1, description="top-k: tensors smaller than this go through a dense allreduce")
     warmup_steps: int = Field(0, ge=0, description="top-k: steps over which the share sent falls from "
@@ -192,14 +193,22 @@ class CompressionConfig(_Section):
     warmup_ratio: float = Field(0.25, gt=0, le=1, description="top-k: share sent at the first step of the warm-up")
     momentum_correction: bool = Field(False, description="topk/shared_topk: DGC's momentum correction and "
                                       "momentum factor masking; SGD momentum is then applied by the exchange")
+    powersgd_rank: int = Field(4, ge=1, description="powersgd: rank of each matrix's factors (PyTorch's "
+                               "matrix_approximation_rank)")
+    powersgd_start_step: int = Field(10, ge=0, description="powersgd: dense steps before the first factorized "
+                                     "one (PyTorch's start_powerSGD_iter)")
+    powersgd_warm_start: bool = Field(True, description="powersgd: reuse each Q from the step before (one power "
+                                      "iteration per step); false: a fresh random Q every step")
+    powersgd_min_rate: float = Field(2.0, ge=1, description="powersgd: factorize a matrix only where its factors "
+                                     "are this many times smaller (PyTorch's min_compression_rate)")
     auto_trial_steps: int = Field(10, ge=2, description="auto: steps timed per candidate")
     auto_recheck_every: int = Field(500, ge=10, description="auto: steps between re-measurements")
 
     @model_validator(mode="after")
     def _room_for_trials(self) -> "CompressionConfig":
-        if self.auto_recheck_every < 3 * self.auto_trial_steps:
-            raise ValueError("auto_recheck_every: must be at least 3 x auto_trial_steps (dense, top-k and the "
-                             "chosen mix are each timed that many steps)")
+        if self.auto_recheck_every < 4 * self.auto_trial_steps:
+            raise ValueError("auto_recheck_every: must be at least 4 x auto_trial_steps (dense, top-k, the "
+                             "chosen mix and powersgd are each timed that many steps)")
         return self
 
 
@@ -222,9 +231,9 @@ class Config(_Section):
     @model_validator(mode="after")
     def _overlap_sends_what_horovod_allreduces(self) -> "Config":
         method = self.compression.method
-        if self.horovod.gradient_exchange == "overlap" and method in ("topk", "shared_topk", "auto", "bf16"):
+        if self.horovod.gradient_exchange == "overlap" and method in ("topk", "shared_topk", "powersgd", "auto", "bf16"):
             why = ("Horovod 0.28.1 allreduces no bfloat16 tensors" if method == "bf16" else
-                   "sparse methods work on the flat gradient buffer")
+                   "compressed methods work on the flat gradient buffer")
             raise ValueError(f"horovod.gradient_exchange: overlap cannot run compression.method {method} ({why}); "
                              "use gradient_exchange flat or auto" + (", or fp16" if method == "bf16" else ""))
         return self

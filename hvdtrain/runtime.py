@@ -3,7 +3,7 @@ import os
 
 from hvdtrain.config import Config, HorovodConfig
 from hvdtrain.errors import ConfigError
-from hvdtrain.exchange import SPARSE_METHODS
+from hvdtrain.exchange import STATEFUL_METHODS
 
 
 def horovod_env(cfg: HorovodConfig, elastic: bool = False) -> dict[str, str]:
@@ -50,7 +50,7 @@ def exchange_mode(cfg: Config, has_gpu: bool) -> str:
     communication runs beside compute, and uses one flat allreduce on CPU nodes; sparse compression
     (top-k, auto) needs the flat exchange, and so does bf16, whose words are allgathered (Horovod 0.28
     allreduces no bfloat16 tensors). Both framework adapters decide it here."""
-    if cfg.compression.method in (*SPARSE_METHODS, "bf16"):  # Horovod 0.28 allreduces no bfloat16
+    if cfg.compression.method in (*STATEFUL_METHODS, "bf16"):  # Horovod 0.28 allreduces no bfloat16
         return "flat"
     if cfg.horovod.gradient_exchange != "auto":
         return cfg.horovod.gradient_exchange

@@ -119,9 +119,11 @@ def test_fp16_on_cpu_matches_the_float32_average_where_horovods_fails(tmp_path):
 # float32 run is shared by its half-precision runs.
 HALF = {("torch", "fp16"): [CONFIG, "horovod.gradient_exchange=overlap"],
         ("torch", "bf16"): [CONFIG, "horovod.gradient_exchange=flat"],
+        ("torch", "powersgd"): [CONFIG],
         ("torch", "none"): [CONFIG, "horovod.gradient_exchange=overlap"],
         ("tensorflow", "fp16"): [str(REPO / "configs/digits-tf.yaml")],
         ("tensorflow", "bf16"): [str(REPO / "configs/digits-tf.yaml")],
+        ("tensorflow", "powersgd"): [str(REPO / "configs/digits-tf.yaml")],
         ("tensorflow", "none"): [str(REPO / "configs/digits-tf.yaml")]}
 
 
@@ -144,10 +146,15 @@ def fp32_accuracy(tmp_path_factory):
     return of
 
 
-@pytest.mark.parametrize("framework,method", [("torch", "fp16"), ("torch", "bf16"),
-                                              ("tensorflow", "fp16"), ("tensorflow", "bf16")])
-def test_half_precision_keeps_ranks_identical_and_float32_accuracy(framework, method, fp32_accuracy, tmp_path):
+@pytest.mark.parametrize("framework,method", [("torch", "fp16"), ("torch", "bf16"), ("torch", "powersgd"),
+                                              ("tensorflow", "fp16"), ("tensorflow", "bf16"),
+                                              ("tensorflow", "powersgd")])
+def test_half_precision_and_powersgd_keep_ranks_identical_and_float32_accuracy(framework, method, fp32_accuracy,
+                                                                                tmp_path):
+    """PowerSGD (rank 4, warm start, 10 dense steps first) factorizes the CNN's two large matrices."""
     summary = train_half(framework, method, tmp_path)
+    print(f"{framework} {method}: test_accuracy {summary['final']['test_accuracy']:.4f} "
+          f"(float32 {fp32_accuracy(framework):.4f}), {summary['final']['bytes_per_step']:.0f} bytes/step")
     assert summary["weights_identical"], summary["weights_digests"]
     final = summary["final"]
     assert final["compression"] == method and final["bytes_per_step"] > 0

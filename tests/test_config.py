@@ -28,7 +28,7 @@ def test_overrides_are_typed_and_nested():
     ("model.name=transformer", "model.name:"),
     ("data.source=npz:/nonexistent/data.npz", "data.source: /nonexistent/data.npz: file not found"),
     ("compression.momentum_correction=true", "compression.momentum_correction: needs compression.method topk"),
-    ("compression.auto_recheck_every=10", "compression.auto_recheck_every: must be at least 3 x auto_trial_steps"),
+    ("compression.auto_recheck_every=10", "compression.auto_recheck_every: must be at least 4 x auto_trial_steps"),
 ])
 def test_bad_input_is_one_line_exit_2(override, expected, tmp_path, capsys):
     code = main(["train", "--config", str(REPO / "configs/digits-torch.yaml"),

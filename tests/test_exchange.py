@@ -242,3 +242,108 @@ def test_momentum_correction_accelerates_held_back_entries_and_masks_sent_ones()
         assert np.allclose(exchange.feedback.residual[10:], held, rtol=1e-5)  # held back: corrected momentum
         assert np.allclose(buffer[10:n], 0)
     assert not exchange.momentum.velocity[:10].any() and not exchange.feedback.residual[:10].any()
+
+
+# PowerSGD ---------------------------------------------------------------------------------------------------
+MATRICES = [(300, 500), (30, 100), None, None]  # the 2-D views of SIZES' tensors (the 3,000 one: a 30x100)
+
+
+def powersgd_exchanges(group: Group, cfg: CompressionConfig) -> list[Exchange]:
+    _, large = layout(SIZES, cfg)
+    return [Exchange(large, cfg, Ranks(group, rank), sum(SIZES), matrices=MATRICES[:len(large)])
+            for rank in range(group.size)]
+
+
+def low_rank_gradient(rank: int, step: int, rank_of: int = 2) -> np.ndarray:
+    """Every rank's gradient of the first matrix lies in the same rank-2 subspace (as real gradients
+    mostly do); the rest is noise."""
+    grad = gradient(rank, step)
+    rng, common = np.random.default_rng([rank, step, 1]), np.random.default_rng(7)
+    u, v = common.standard_normal((300, rank_of)), common.standard_normal((rank_of, 500))
+    grad[:150_000] = (u @ np.diag(rng.uniform(1, 2, rank_of)) @ v).astype(np.float32).ravel()
+    return grad
+
+
+def test_the_powersgd_rule_and_views_match_pytorchs():
+    from hvdtrain.exchange import matrix_view, powersgd_pays
+
+    assert matrix_view((64, 32, 3, 3), 0) == (64, 288)  # torch conv: outputs first
+    assert matrix_view((3, 3, 32, 64), -1) == (288, 64)  # Keras conv: outputs last
+    assert matrix_view((10,), 0) is None
+    cfg = CompressionConfig(method="powersgd", powersgd_rank=4)
+    assert powersgd_pays(300, 500, cfg) and not powersgd_pays(10, 8, cfg)  # 80 entries vs 4 x 18 x 2
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_powersgd_is_exact_in_the_average_and_error_feedback_keeps_the_rest(size):
+    """After start_step, each matrix goes as rank-4 factors, identical on every rank: the projection of the
+    average of what the ranks fed in (gradient + residual) onto the averaged, orthonormalized P; each rank
+    keeps what was not sent. Vectors are the exact average. Bytes: the factors and the vectors only."""
+    group = Group(size)
+    cfg = config("powersgd", powersgd_start_step=2, powersgd_rank=4)
+    ranks = powersgd_exchanges(group, cfg)
+    assert [shape for _, _, shape in ranks[0].powersgd.factorized] == [(300, 500), (30, 100)]
+    split = 153_000
+    for step in range(6):
+        incoming = [gradient(rank, step) for rank in range(size)]
+        fed = [g[:split] + r.feedback.residual for g, r in zip(incoming, ranks)]
+        out = step_all(group, ranks, step)
+        for rank in range(1, size):
+            assert np.array_equal(out[rank], out[0])
+        dense_average = reduce(np.add, incoming) / np.float32(size)
+        np.testing.assert_allclose(out[0][split:], dense_average[split:], rtol=1e-6)
+        mean_fed = reduce(np.add, fed) / size
+        if step < 2:  # start_step: dense
+            np.testing.assert_allclose(out[0][:split], mean_fed, rtol=1e-5, atol=1e-6)
+            assert not any(r.feedback.residual.any() for r in ranks)
+            continue
+        for offset, count, shape in ranks[0].powersgd.factorized:
+            part = slice(offset, offset + count)
+            approx, target = out[0][part].reshape(shape), mean_fed[part].reshape(shape)
+            p = np.linalg.svd(approx.astype(np.float64))[0][:, :4]  # the column space of P
+            np.testing.assert_allclose(approx, p @ (p.T @ target), atol=1e-3 * np.abs(target).max())
+        for f, r in zip(fed, ranks):  # sent + kept = fed, per rank
+            np.testing.assert_allclose(out[0][:split] + r.feedback.residual, f, atol=1e-3)
+    factorized_step = 4 * 4 * ((300 + 500) + (30 + 100)) + 4 * (sum(SIZES) - split)  # P and Q, rank 4
+    assert ranks[0].stats()["bytes_per_step"] == (2 * 4 * sum(SIZES) + 4 * factorized_step) / 6
+
+
+def test_powersgd_recovers_a_low_rank_average_and_resumes_bitwise():
+    """Gradients of rank 2 are sent exactly by rank-4 factors once the warm-started Q has found their
+    subspace; state()/load_state() (step, residual, Q) make a resumed exchange give the same bits."""
+    cfg = config("powersgd", powersgd_start_step=0, powersgd_rank=4)
+    straight_group, resumed_group = Group(2), Group(2)
+    straight, first = powersgd_exchanges(straight_group, cfg), powersgd_exchanges(resumed_group, cfg)
+
+    def run(group, ranks, step):
+        buffers = [low_rank_gradient(rank, step) for rank in range(2)]
+        expected = (buffers[0] + buffers[1]) / 2
+        group.run(lambda rank: ranks[rank](buffers[rank]))
+        return buffers, expected
+
+    for step in range(3):
+        run(straight_group, straight, step)
+        run(resumed_group, first, step)
+    saved = [{k: v.copy() for k, v in r.state().items()} for r in first]
+    assert set(saved[0]) == {"step", "residual", "powersgd_q"} and saved[0]["powersgd_q"].size == (500 + 100) * 4
+    resumed = powersgd_exchanges(resumed_group, cfg)
+    for r, state in zip(resumed, saved):
+        r.load_state(state)
+    for step in range(3, 6):
+        (a, expected), (b, _) = run(straight_group, straight, step), run(resumed_group, resumed, step)
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y), f"step {step}"
+        error = np.abs(a[0][:150_000] - expected[:150_000]).max() / np.abs(expected[:150_000]).max()
+        assert error < 1e-3, (step, error)  # the residual stays small: nothing the factors miss
+
+
+def test_auto_times_powersgd_and_records_it():
+    group = Group(2)
+    cfg = config("auto", auto_trial_steps=2, auto_recheck_every=10)
+    ranks = powersgd_exchanges(group, cfg)
+    assert ranks[0].auto.powersgd is not None
+    for step in range(9):
+        step_all(group, ranks, step)
+    record = ranks[0].stats()
+    assert {"none", "topk", "powersgd"} <= set(record["auto_seconds"]), record
+    assert record["compression"] in ("auto:none", "auto:topk", "auto:powersgd")

@@ -47,12 +47,15 @@ TOPK = ["compression.method=topk", "compression.momentum_correction=true", "comp
         "compression.ratio=0.05"]
 
 
-@pytest.mark.parametrize("compression", ["none", "topk+momentum_correction"])
+@pytest.mark.parametrize("compression", ["none", "topk+momentum_correction", "powersgd"])
 def test_resume_equals_a_straight_run(compression, tmp_path):
-    """Top-k's error-feedback residuals and corrected momentum are each rank's own: they are checkpointed
-    per rank, so a resumed top-k run matches the uninterrupted one bit for bit, as a dense run does."""
+    """Top-k's error-feedback residuals and corrected momentum, and PowerSGD's residuals and factors, are
+    checkpointed per rank, so a resumed run matches the uninterrupted one bit for bit, as a dense run does."""
+    method = {"none": [], "topk+momentum_correction": TOPK,
+              "powersgd": ["compression.method=powersgd", "compression.min_size=100",
+                           "compression.powersgd_start_step=3", "compression.powersgd_rank=2"]}[compression]
     common = ["--config", CONFIG, *EXACT, "train.schedule=cosine", "train.warmup_steps=5",
-              "train.batch_size=16", "checkpoint.every_steps=7", *(TOPK if compression != "none" else [])]
+              "train.batch_size=16", "checkpoint.every_steps=7", *method]
     # 44 steps per epoch at np=2: stopping at 30 resumes mid-epoch, inside the data order.
     hvdtrain("train", "--run-dir", str(tmp_path / "split"), *common, "train.max_steps=30", np=2,
              controller="mpi")

@@ -1,11 +1,12 @@
-"""auto: dense or top-k per tensor, decided from measurements of the job's own steps.
+"""auto: dense, top-k per tensor, or PowerSGD, decided from measurements of the job's own steps.
 
 From `start` on (again every `auto_recheck_every` steps): `auto_trial_steps` dense steps and as many
 top-k steps on every large tensor give the link's bandwidth (alpha-beta: both exchanges pay the same
 fixed cost per step, and differ in volume) and each tensor's selection time; a tensor is compressed when
 the wire time it saves exceeds its selection time. The chosen mix is then timed against dense for as many
-steps and kept only if it is not slower. All ranks agree on the times (their maximum), so they take the
-same decision.
+steps and kept only if it is not slower. Where the model has matrices PowerSGD factorizes, it is timed
+next for as many steps and replaces the choice if it was faster. All ranks agree on the times (their
+maximum), so they take the same decision.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from hvdtrain.config import CompressionConfig
 from hvdtrain.costmodel import VALUE_BYTES, ring_volume, topk_volume
 from hvdtrain.exchange.collectives import Collectives
-from hvdtrain.exchange.methods import AllgatherTopK, Dense, entries_sent
+from hvdtrain.exchange.methods import AllgatherTopK, Dense, PowerSGD, entries_sent
 
 
 def link_bandwidth(dense_seconds: float, dense_volume: float, sparse_seconds: float,
@@ -40,10 +41,11 @@ def worth_compressing(counts: Sequence[int], ks: Sequence[int], select_seconds: 
 
 
 class AutoPolicy:
-    """The auto method: runs `dense` or `topk` (with some of its tensors turned off) as measured."""
+    """The auto method: runs `dense`, `topk` (with some of its tensors turned off) or `powersgd` as measured."""
 
-    def __init__(self, cfg: CompressionConfig, comm: Collectives, dense: Dense, topk: AllgatherTopK):
-        self.cfg, self.comm, self.dense, self.topk = cfg, comm, dense, topk
+    def __init__(self, cfg: CompressionConfig, comm: Collectives, dense: Dense, topk: AllgatherTopK,
+                 powersgd: Optional[PowerSGD] = None):
+        self.cfg, self.comm, self.dense, self.topk, self.powersgd = cfg, comm, dense, topk, powersgd
         self.restart(0)
 
     def restart(self, step: int) -> None:
@@ -60,7 +62,7 @@ class AutoPolicy:
     def exchange(self, buffer: np.ndarray, step: int) -> int:
         trial, phase = self.cfg.auto_trial_steps, (step - self.start) % self.cfg.auto_recheck_every
         if phase == 0:
-            self.trials = {"none": [], "topk": [], "chosen": [], "select": [], "comm": []}
+            self.trials = {"none": [], "topk": [], "chosen": [], "powersgd": [], "select": [], "comm": []}
         if phase < trial:
             stage, method = "none", self.dense
         elif phase < 2 * trial:
@@ -68,8 +70,11 @@ class AutoPolicy:
             self.topk.active = [True] * len(self.topk.large)
         elif phase < 3 * trial and self.pending:
             stage, method = "chosen", self.topk
+        elif 3 * trial <= phase < 4 * trial and self.powersgd is not None:
+            stage, method = "powersgd", self.powersgd
         else:
-            return (self.dense if self.choice == "none" else self.topk).exchange(buffer, step)
+            chosen = {"none": self.dense, "topk": self.topk, "powersgd": self.powersgd}[self.choice]
+            return chosen.exchange(buffer, step)
         started = time.perf_counter()
         sent = method.exchange(buffer, step)
         self.trials[stage].append(time.perf_counter() - started)
@@ -78,8 +83,10 @@ class AutoPolicy:
             self.trials["comm"].append(self.topk.comm_seconds)
         if phase == 2 * trial - 1:
             self._model(buffer, step)
-        elif phase == 3 * trial - 1:
+        elif phase == 3 * trial - 1 and stage == "chosen":
             self._verify()
+        elif phase == 4 * trial - 1:
+            self._against_powersgd()
         return sent
 
     def _model(self, buffer: np.ndarray, step: int) -> None:
@@ -111,3 +118,13 @@ class AutoPolicy:
             self.choice = "topk"
         else:
             self.choice, self.record["auto_tensors"] = "none", f"0 of {len(self.topk.active)} compressed"
+
+    def _against_powersgd(self) -> None:
+        """PowerSGD replaces the choice so far if its steps measured faster."""
+        current = self.trials["none" if self.choice == "none" else "chosen"]
+        local = np.array([np.median(current), np.median(self.trials["powersgd"])])
+        current_seconds, powersgd_seconds = self.comm.maximum(local, "auto.powersgd")
+        self.record["auto_seconds"]["powersgd"] = float(powersgd_seconds)
+        if powersgd_seconds < current_seconds:
+            self.choice = "powersgd"
+            self.record["auto_tensors"] = f"{len(self.powersgd.factorized)} of {len(self.topk.large)} factorized"

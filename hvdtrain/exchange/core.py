@@ -10,8 +10,8 @@ from hvdtrain.errors import ConfigError
 from hvdtrain.exchange.auto import AutoPolicy
 from hvdtrain.exchange.collectives import Collectives
 from hvdtrain.exchange.feedback import ErrorFeedback, MomentumCorrection
-from hvdtrain.exchange.layout import SPARSE_METHODS
-from hvdtrain.exchange.methods import AllgatherTopK, Dense, SharedTopK
+from hvdtrain.exchange.layout import STATEFUL_METHODS
+from hvdtrain.exchange.methods import AllgatherTopK, Dense, PowerSGD, SharedTopK
 
 
 class Method(Protocol):
@@ -43,10 +43,13 @@ class Exchange:
     """Averages the flat gradient buffer over all ranks with the configured method."""
 
     def __init__(self, large: list[tuple[int, int]], cfg: CompressionConfig, comm: Collectives, total: int,
-                 momentum: float = 0.0, method: Optional[Method] = None):
-        """`large`: (offset, count) of the sparsified tensors (`layout`); `total`: the buffer's length;
+                 momentum: float = 0.0, method: Optional[Method] = None,
+                 matrices: Optional[list[Optional[tuple[int, int]]]] = None):
+        """`large`: (offset, count) of the compressed tensors (`layout`); `total`: the buffer's length;
         `momentum`: SGD's, applied here under momentum_correction; `method`: a framework's own exchange for
-        a method the core does not run (fp16, bf16)."""
+        a method the core does not run (fp16, bf16); `matrices`: each large tensor's 2-D view
+        (`matrix_view`), which powersgd factorizes (and auto may), None for vectors."""
+        self.matrices = matrices if matrices is not None else [None] * len(large)
         self.cfg, self.comm = cfg, comm
         split = sum(n for _, n in large)
         self.feedback = ErrorFeedback(split)
@@ -55,14 +58,21 @@ class Exchange:
         self.step = 0  # exchanges done: top-k's share, shared_topk's leader, auto's trials and the selection follow it
         self.method = method if method is not None else self._method(large)
         self.auto = self.method if isinstance(self.method, AutoPolicy) else None
+        self.powersgd = (self.auto.powersgd if self.auto is not None else
+                         self.method if isinstance(self.method, PowerSGD) else None)
 
     def _method(self, large: list[tuple[int, int]]) -> Method:
         dense = Dense(self.comm, self.feedback)
-        if self.cfg.method not in SPARSE_METHODS or not large:
+        if self.cfg.method not in STATEFUL_METHODS or not large:
             return dense
+        if self.cfg.method == "powersgd":
+            return PowerSGD(large, self.matrices, self.cfg, self.comm, self.feedback)
         kind = SharedTopK if self.cfg.method == "shared_topk" else AllgatherTopK
         method = kind(large, self.cfg, self.comm, self.feedback, self.momentum)
-        return AutoPolicy(self.cfg, self.comm, dense, method) if self.cfg.method == "auto" else method
+        if self.cfg.method != "auto":
+            return method
+        powersgd = PowerSGD(large, self.matrices, self.cfg, self.comm, self.feedback)
+        return AutoPolicy(self.cfg, self.comm, dense, method, powersgd if powersgd.factorized else None)
 
     def __call__(self, buffer: np.ndarray) -> None:
         """Average `buffer` (float32, laid out by `layout`) over all ranks, in place."""
@@ -91,18 +101,22 @@ class Exchange:
         Residuals and the sparsified region's velocity are each rank's own and stay. auto measures again."""
         self.step = int(self.comm.broadcast(np.array([self.step], np.int64), 0, "exchange.step")[0])
         self.momentum.sync(self.comm)
+        if self.powersgd is not None:
+            self.powersgd.sync()
         if self.auto is not None:
             self.auto.restart(self.step)
 
     def state(self) -> dict[str, np.ndarray]:
         """This rank's exchange state (one file per rank), so a resumed run continues exactly as this one
-        would: the step, the residual and, under momentum correction, the velocity. Empty for methods that
-        keep nothing between steps (none, fp16, bf16)."""
-        if self.cfg.method not in SPARSE_METHODS:
+        would: the step, the residual, under momentum correction the velocity, and PowerSGD's warm-start
+        factors. Empty for methods that keep nothing between steps (none, fp16, bf16)."""
+        if self.cfg.method not in STATEFUL_METHODS:
             return {}
         state = {"step": np.array([self.step], np.int64), "residual": self.feedback.residual.copy()}
         if self.momentum.momentum:
             state["velocity"] = self.momentum.velocity.copy()
+        if self.powersgd is not None:
+            state["powersgd_q"] = self.powersgd.state()
         return state
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -116,8 +130,10 @@ class Exchange:
                     raise ConfigError(f"compression: the checkpoint's exchange {name} has {saved.size} entries, "
                                       f"this model's {target.size} (the model or compression.min_size changed)")
                 target[:] = saved
-        if self.cfg.method in SPARSE_METHODS and "step" in state:
+        if self.cfg.method in STATEFUL_METHODS and "step" in state:
             self.step = int(np.asarray(state["step"]).reshape(-1)[0])
+        if self.powersgd is not None and "powersgd_q" in state:
+            self.powersgd.load_state(np.asarray(state["powersgd_q"], np.float32))
         self.feedback.pending = bool(self.feedback.residual.any())
         if self.auto is not None:
             self.auto.restart(self.step)

@@ -6,13 +6,15 @@ from typing import Sequence
 from hvdtrain.config import Config, CompressionConfig
 
 SPARSE_METHODS = ("topk", "shared_topk", "auto")
+# the methods the framework-free core runs on NumPy, with per-rank state (residuals, factors) to checkpoint
+STATEFUL_METHODS = (*SPARSE_METHODS, "powersgd")
 
 
 def layout(sizes: Sequence[int], cfg: CompressionConfig) -> tuple[list[int], list[tuple[int, int]]]:
-    """The order of the tensors in the flat buffer, and (offset, count) of the sparsified ones: tensors at
-    least `min_size` long come first, so the sparsified region is the buffer's head and the small tensors
-    (biases, norms) its tail."""
-    sparse = cfg.method in SPARSE_METHODS
+    """The order of the tensors in the flat buffer, and (offset, count) of the compressed ones: tensors at
+    least `min_size` long come first, so the compressed region is the buffer's head and the small tensors
+    (biases, norms) its tail. (powersgd then factorizes the large ones that are matrices.)"""
+    sparse = cfg.method in STATEFUL_METHODS
     order = sorted(range(len(sizes)), key=lambda i: not (sparse and sizes[i] >= cfg.min_size))
     large, offset = [], 0
     for i in order:
@@ -27,7 +29,7 @@ def optimizer_momentum(cfg: Config) -> float:
     return 0.0 if cfg.compression.momentum_correction else cfg.train.momentum
 
 
-LIBRARY_METHODS = ("none", "fp16", "bf16", *SPARSE_METHODS)
+LIBRARY_METHODS = ("none", "fp16", "bf16", *STATEFUL_METHODS)
 
 
 def library_compression(compression):

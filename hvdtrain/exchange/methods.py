@@ -149,3 +149,111 @@ class SharedTopK:
         head[:] = 0
         head[indices] = values
         return values.nbytes + (picked.nbytes if rank == leader else 0) + buffer[split:].nbytes
+
+
+def matrix_view(shape, output_axis: int) -> Optional[tuple[int, int]]:
+    """The 2-D view PowerSGD factorizes: the output axis against all others (PyTorch keeps output channels
+    first, Keras last; a rank-r factorization of a matrix and of its transpose are the same), or None for a
+    vector."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) < 2:
+        return None
+    outputs = shape[output_axis]
+    return (outputs, int(np.prod(shape)) // outputs) if output_axis == 0 else (int(np.prod(shape)) // outputs, outputs)
+
+
+def powersgd_pays(rows: int, cols: int, cfg: CompressionConfig) -> bool:
+    """PyTorch's rule (min_compression_rate): factorize only where the two factors are at least
+    `powersgd_min_rate` times smaller than the matrix."""
+    rank = min(cfg.powersgd_rank, rows, cols)
+    return rows * cols >= cfg.powersgd_min_rate * (rows + cols) * rank
+
+
+class PowerSGD:
+    """powersgd (Vogels et al., NeurIPS 2019), as PyTorch's powerSGD_hook runs it, over Horovod allreduce.
+
+    Each large matrix M (gradient + this rank's residual) is sent as two thin factors: P = M Q is averaged
+    over the ranks and orthonormalized, then Q = M^T P is averaged, and the average gradient is
+    approximated by P Q^T (exact in the average: mean(M_i)^T P = mean(M_i^T P)). The residual keeps
+    M - P Q^T (error feedback); Q is reused at the next step (warm start), so one power iteration per step
+    tracks the gradient's leading subspace. Vectors, matrices the rule says do not pay, and the dense tail
+    go in the first allreduce's Horovod cycle; the first `powersgd_start_step` steps are all dense. Q
+    starts from a generator seeded by the tensor's place in the buffer, so every rank draws the same."""
+
+    def __init__(self, large: list[tuple[int, int]], matrices: list[Optional[tuple[int, int]]],
+                 cfg: CompressionConfig, comm: Collectives, feedback: ErrorFeedback):
+        self.large, self.cfg, self.comm, self.feedback = large, cfg, comm, feedback
+        self.split = sum(n for _, n in large)
+        self.factorized = [(offset, count, shape) for (offset, count), shape in zip(large, matrices)
+                           if shape is not None and powersgd_pays(*shape, cfg)]
+        done = {offset for offset, _, _ in self.factorized}
+        self.dense_large = [(offset, count) for offset, count in large if offset not in done]
+        self.q = [self._fresh_q(offset, shape, 0) for offset, _, shape in self.factorized]
+        # auto times PowerSGD in its own trial steps, whatever the start step
+        self.start_step = cfg.powersgd_start_step if cfg.method == "powersgd" else 0
+        self.comm_seconds = 0.0
+
+    def _fresh_q(self, offset: int, shape: tuple[int, int], step: int) -> np.ndarray:
+        rank = min(self.cfg.powersgd_rank, *shape)
+        seed = [offset] if self.cfg.powersgd_warm_start else [offset, step]
+        return np.random.default_rng(seed).standard_normal((shape[1], rank)).astype(np.float32)
+
+    def state(self) -> np.ndarray:
+        """The warm-start factors, flat (equal on every rank)."""
+        return np.concatenate([q.ravel() for q in self.q]) if self.q else np.zeros(0, np.float32)
+
+    def load_state(self, flat: np.ndarray) -> None:
+        if flat.size != sum(q.size for q in self.q):
+            from hvdtrain.errors import ConfigError
+            raise ConfigError(f"compression: the checkpoint's PowerSGD factors have {flat.size} entries, this "
+                              f"model's {sum(q.size for q in self.q)} (the model or compression.powersgd_* changed)")
+        start = 0
+        for q in self.q:
+            q.ravel()[:] = flat[start:start + q.size]
+            start += q.size
+
+    def sync(self) -> None:
+        """Rank 0's factors on every rank (a collective; after a resize, where a joining rank has fresh ones)."""
+        if self.q:
+            self.load_state(self.comm.broadcast(self.state(), 0, "powersgd.q"))
+
+    def exchange(self, buffer: np.ndarray, step: int) -> int:
+        comm = self.comm
+        if step < self.start_step or not self.factorized:
+            self.feedback.release(buffer)
+            _wait(comm, _dense_async(comm, buffer, 0))
+            return buffer.nbytes
+        started = time.perf_counter()
+        residuals, ps = [], []
+        if not self.cfg.powersgd_warm_start:
+            self.q = [self._fresh_q(offset, shape, step) for offset, _, shape in self.factorized]
+        for (offset, count, shape), q in zip(self.factorized, self.q):
+            m = self.feedback.add(slice(offset, offset + count), buffer[offset:offset + count]).reshape(shape)
+            residuals.append(m)
+            ps.append(m @ q)
+        flat_p = np.concatenate([p.ravel() for p in ps])
+        dense = [(self.split, buffer[self.split:])]
+        for offset, count in self.dense_large:
+            self.feedback.release(buffer, slice(offset, offset + count))
+            dense.append((offset, buffer[offset:offset + count]))
+        handles = [comm.allreduce_async(flat_p, "powersgd.p"),
+                   *(h for offset, region in dense for h in _dense_async(comm, region, offset))]
+        _wait(comm, handles)
+        qs, start = [], 0
+        for m, p in zip(residuals, ps):
+            p = np.linalg.qr(flat_p[start:start + p.size].reshape(p.shape))[0].astype(np.float32, copy=False)
+            start += p.size
+            ps[len(qs)] = p
+            qs.append(m.T @ p)
+        flat_q = np.concatenate([q.ravel() for q in qs])
+        _wait(comm, [comm.allreduce_async(flat_q, "powersgd.q")])
+        start = 0
+        for i, ((offset, count, shape), m, p) in enumerate(zip(self.factorized, residuals, ps)):
+            q = flat_q[start:start + qs[i].size].reshape(qs[i].shape)
+            start += q.size
+            approximation = p @ q.T
+            m -= approximation  # the residual: what this rank's gradient had beyond the shared approximation
+            buffer[offset:offset + count] = approximation.ravel()
+            self.q[i] = np.ascontiguousarray(q)
+        self.comm_seconds = time.perf_counter() - started
+        return flat_p.nbytes + flat_q.nbytes + sum(region.nbytes for _, region in dense)

@@ -75,9 +75,11 @@ class FlatExchange(exchange.FlatExchangeBase):
         sizes = [v.shape.num_elements() for v in variables]
         order, large = exchange.layout(sizes, cfg)
         self.variables = [variables[i] for i in order]  # the order of their gradients in the flat tensor
-        self.sparse = cfg.method in exchange.SPARSE_METHODS  # the gradients leave the graph for NumPy
+        # Keras keeps output channels last: each large tensor as (the rest, outputs)
+        matrices = [exchange.matrix_view(variables[i].shape, -1) for i in order[:len(large)]]
+        self.sparse = cfg.method in exchange.STATEFUL_METHODS  # the gradients leave the graph for NumPy
         self.words = sum(sizes)
-        self.core = exchange.Exchange(large, cfg, HorovodCollectives(), self.words, momentum)
+        self.core = exchange.Exchange(large, cfg, HorovodCollectives(), self.words, momentum, None, matrices)
 
     def flatten(self, grads: list) -> tf.Tensor:
         """Gradients of `self.variables`, in that order, as one flat tensor."""
@@ -109,7 +111,7 @@ class FlatExchange(exchange.FlatExchangeBase):
         self.core.sent.add(self.words * word if world.size > 1 else 0)
 
     def __call__(self, flat: tf.Tensor) -> np.ndarray:
-        """topk, shared_topk, auto: the average over all ranks of `flat`, a NumPy array."""
+        """topk, shared_topk, powersgd, auto: the average over all ranks of `flat`, a NumPy array."""
         buffer = np.array(flat)  # writable: the exchange averages it in place
         self.core(buffer)
         return buffer
@@ -161,7 +163,7 @@ def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "", d
     """A drop-in for horovod.tensorflow.DistributedGradientTape that adds hvdtrain's compression.
 
     `compression` takes what Horovod's does (its compressors: Horovod's own tape is returned, every
-    argument passed on) or an hvdtrain method: "none", "fp16", "bf16", "topk", "shared_topk", "auto", or a
+    argument passed on) or an hvdtrain method: "none", "fp16", "bf16", "topk", "shared_topk", "powersgd", "auto", or a
     hvdtrain.config.CompressionConfig for its options. hvdtrain's methods average all gradients in one flat
     tensor (sparse ones with error feedback, outside the graph through tf.py_function), op=Average only.
     """

@@ -7,7 +7,7 @@
   accepts the dtype), so bf16 has no overlapped form: it needs the flat exchange.
 * flat: gradients live in one buffer (each .grad is a view into it: no copies) that `FlatExchange`
   exchanges once per step after backward, through the framework-free `hvdtrain.exchange` (none, topk,
-  shared_topk, auto) working on the buffer's memory, or through the two half-precision methods here:
+  shared_topk, powersgd, auto) working on the buffer's memory, or through the two half-precision methods here:
   - fp16 (`HalfSum`): the buffer is cast, summed by one allreduce and averaged back in float32
     (averaging in half precision is what failed in Horovod's own CPU fp16 path, its issue 2108);
   - bf16 (`BFloat16Gather`): the bfloat16 words are allgathered as int16 and summed in float32 here, so
@@ -104,6 +104,8 @@ class FlatExchange(exchange.FlatExchangeBase):
         params = model.parameters() if isinstance(model, torch.nn.Module) else model
         params = [p for p in params if p.requires_grad]
         order, large = exchange.layout([p.numel() for p in params], self.cfg)
+        # PyTorch keeps output channels first: each large tensor as (outputs, the rest)
+        matrices = [exchange.matrix_view(params[i].shape, 0) for i in order[:len(large)]]
         self.params = [params[i] for i in order]
         # on the parameters' device; a GPU buffer is exchanged through a host copy (see __call__)
         self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
@@ -114,7 +116,8 @@ class FlatExchange(exchange.FlatExchangeBase):
             self.views.append(view)
             offset += p.numel()
         half = HALF_METHODS[self.cfg.method]() if self.cfg.method in HALF_METHODS else None
-        self.core = exchange.Exchange(large, self.cfg, HorovodCollectives(), self.buffer.numel(), momentum, half)
+        self.core = exchange.Exchange(large, self.cfg, HorovodCollectives(), self.buffer.numel(), momentum, half,
+                                      matrices)
 
     def zero_grad(self) -> None:
         self.buffer.zero_()
@@ -174,7 +177,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
 
     `compression` takes what Horovod's does (hvd.Compression.none / .fp16: Horovod's own optimizer is
     returned, all other arguments passed on) or an hvdtrain method: "none", "fp16", "bf16", "topk",
-    "shared_topk", "auto", or a hvdtrain.config.CompressionConfig for its options (ratio, min_size,
+    "shared_topk", "powersgd", "auto", or a hvdtrain.config.CompressionConfig for its options (ratio, min_size,
     warm-up...). hvdtrain's methods exchange all gradients once per step in one flat buffer after backward
     (with error feedback for the sparse ones) and need op=Average and one backward pass per step. The
     result is an instance of the optimizer's own class, as with Horovod: learning-rate schedulers work.
