@@ -156,7 +156,9 @@ def _bench_quantize(args: argparse.Namespace) -> int:
 def _bench_compression(args: argparse.Namespace) -> int:
     from hvdtrain.bench import compression
 
-    compression.run(args.links, Path(args.out) if args.out else None, tuple(args.methods or compression.METHODS))
+    baselines = compression.BASELINES if args.baselines is None else tuple(args.baselines)
+    compression.run(args.links, Path(args.out) if args.out else None, tuple(args.methods or compression.METHODS),
+                    baselines, args.epochs)
     return 0
 
 
@@ -194,7 +196,13 @@ def _compression_methods() -> Sequence[str]:
     return choices("compression.method")
 
 
+def _compression_baselines() -> Sequence[str]:
+    from hvdtrain.bench.compression import BASELINES
+    return BASELINES
+
+
 _modes, _methods = _names("mode(s)", _scaling_modes), _names("method(s)", _compression_methods)
+_baselines = _names("baseline(s)", _compression_baselines)
 
 
 def _add_layout_arguments(command: argparse.ArgumentParser) -> None:
@@ -331,7 +339,11 @@ def parser() -> argparse.ArgumentParser:
                           help="loopback and/or tc rates such as 1gbit, 10gbit")
     compress.add_argument("--methods", type=_methods, default=None,
                           help="comma-separated compression modes to time (none is always timed: the baseline)")
-    compress.add_argument("--out", help="write the figures as JSON here")
+    compress.add_argument("--baselines", type=lambda t: _baselines(t) if t else [], default=None,
+                          help="comma-separated DDP baselines (default: all of ddp:none,ddp:fp16,ddp:bf16,"
+                               "ddp:powersgd; an empty string: none)")
+    compress.add_argument("--epochs", type=int, default=8, help="epochs of the digits per job (8: 360 steps)")
+    compress.add_argument("--out", help="write the figures as JSON here (and a PNG plot per link beside it)")
     compress.set_defaults(handler=_bench_compression)
 
     report = bench_sub.add_parser("report", help="report.md, report.json and plots from benchmark results")

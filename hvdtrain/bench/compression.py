@@ -1,15 +1,18 @@
-"""`hvdtrain bench compression`: step time and bytes per step of every compression mode, per link.
+"""`hvdtrain bench compression`: step time, bytes per step and time to accuracy of every compression mode
+and of the DDP baselines a PyTorch user would pick (fp32, its fp16/bf16 hooks, PowerSGD), per link.
 
 Links: plain loopback (horovodrun on this machine) and two "hosts" in network namespaces joined by a
 bridge, each veth capped with tc (1 Gbit/s, 10 Gbit/s), with ranks started by mpirun through an rsh agent
 and Open MPI forced onto TCP over that bridge, one core per "host". The model is communication-heavy (an
 MLP of 4.3 M parameters on the digits); each point is a real `hvdtrain train` run (median steps/s of its
-later epochs, test accuracy after the same number of steps).
+later epochs, test accuracy after the same number of steps, training seconds until the test accuracy
+first reached ACCURACY_BAR).
 Also: the top-k selection time against one memcpy of the gradient.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -26,11 +29,15 @@ from hvdtrain.config import choices
 from hvdtrain.topk import TopK
 
 METHODS = choices("compression.method")
+# what a PyTorch user would run instead (hvdtrain.bench.ddp)
+BASELINES = ("ddp:none", "ddp:fp16", "ddp:bf16", "ddp:powersgd")
+ACCURACY_BAR = 0.95  # time_to_accuracy: training seconds until the test accuracy first reaches it
+JOB_TIMEOUT = 900
 # Communication-heavy: an MLP of 4.3 M parameters on the digits (8x8) computes a step in tens of
 # milliseconds; 8 epochs (360 steps at 2 x 16) so accuracy compares modes after the same steps.
-RANKS, BATCH = 2, 16
+RANKS, BATCH, EPOCHS = 2, 16, 8
 TRAIN = ["data.source=digits", "model.name=mlp", "model.width=2048", "model.depth=2", f"train.batch_size={BATCH}",
-         "train.epochs=8", "train.log_every=10", "train.warmup_steps=50",
+         "train.log_every=10", "train.warmup_steps=50",
          "compression.auto_trial_steps=5", "compression.auto_recheck_every=1000"]
 
 
@@ -54,29 +61,143 @@ def selection_vs_memcpy(n: int, ratio: float = 0.01) -> dict:
             "memcpy_times": selection / copy}
 
 
-def _train(command_prefix: list[str], method: str, scratch: Path) -> dict:
-    run_dir = scratch / method
-    shutil.rmtree(run_dir, ignore_errors=True)
-    bin_dir = Path(sys.executable).parent
-    command = [*command_prefix, str(bin_dir / "hvdtrain"), "train", "--run-dir", str(run_dir),
-               f"compression.method={method}", *TRAIN]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method}: {' '.join(command[:6])} ... failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _epochs(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def time_to_accuracy(epochs: list[dict], bar: float = ACCURACY_BAR) -> float | None:
+    """Training seconds (evaluations excluded) until the test accuracy first reached `bar`: each epoch's
+    steps at its measured rate; None if it never did."""
+    seconds, step = 0.0, 0
+    for epoch in epochs:
+        seconds += (epoch["step"] - step) * RANKS * BATCH / epoch["samples_per_s"]
+        step = epoch["step"]
+        if epoch["test_accuracy"] >= bar:
+            return seconds
+    return None
+
+
+def _row(method: str, epochs: list[dict]) -> dict:
     later = epochs[1:]
     samples_per_s = statistics.median(e["samples_per_s"] for e in later)
     return {"method": method, "step_ms": 1e3 * RANKS * BATCH / samples_per_s, "samples_per_s": samples_per_s,
             "bytes_per_step": statistics.median(e["bytes_per_step"] for e in later),
             "compression": later[-1]["compression"], "test_accuracy": epochs[-1]["test_accuracy"],
+            "time_to_accuracy": time_to_accuracy(epochs),
             **{key: later[-1][key] for key in ("auto_tensors", "auto_link_bytes_per_s", "auto_seconds")
                if key in later[-1]}}
 
 
-def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METHODS) -> dict:
+def _run(command: list[str], method: str, run_dir: Path, env: dict | None = None) -> dict:
+    """One training job; a baseline that fails or hangs is a row with its error, not the end of the bench."""
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired as expired:
+        output = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        return {"method": method, "error": f"hung: no result after {JOB_TIMEOUT} s", "output_tail": output[-1500:]}
+    if proc.returncode != 0:
+        if not method.startswith("ddp:"):
+            raise RuntimeError(f"{method}: {' '.join(command[:6])} ... failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("ddp ")), None) or \
+            next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+        return {"method": method, "error": f"exit {proc.returncode}: {reason.strip()[:300]}",
+                "output_tail": (proc.stdout + proc.stderr)[-1500:]}
+    return {**_row(method, _epochs(run_dir)),
+            **({"weights_identical": json.loads((run_dir / "summary.json").read_text())["weights_identical"]}
+               if method.startswith("ddp:") else {})}
+
+
+def _hvdtrain(prefix: list[str], method: str, scratch: Path, job: list[str]) -> dict:
+    run_dir = scratch / method
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [*prefix, str(Path(sys.executable).parent / "hvdtrain"), "train", "--run-dir", str(run_dir),
+               f"compression.method={method}", *job]
+    return _run(command, method, run_dir)
+
+
+def _ddp(link: str, hook: str, scratch: Path, job: list[str]) -> dict:
+    """DDP (gloo) with communication hook `hook` on the same job (hvdtrain.bench.ddp)."""
+    run_dir = scratch / f"ddp-{hook}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    worker = ["-m", "hvdtrain.bench.ddp", "--hook", hook, "--run-dir", str(run_dir), *job]
+    env = dict(os.environ)
+    if link == "loopback":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}", *worker]
+    else:  # rank 0's namespace host is the rendezvous; gloo talks over the capped veth
+        env.update(MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29531", GLOO_SOCKET_IFNAME="eth0")
+        command = [*links.mpirun_in_namespaces(RANKS, ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME")),
+                   sys.executable, *worker]
+    return _run(command, f"ddp:{hook}", run_dir, env)
+
+
+def _plot(link: str, rows: list[dict], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "error" not in r]
+    names = [r["method"] for r in done]
+    colors = ["tab:gray" if n.startswith("ddp:") else "tab:blue" for n in names]
+    fig, (steps, reach) = plt.subplots(1, 2, figsize=(12, 4))
+    steps.bar(names, [r["step_ms"] for r in done], color=colors)
+    steps.set_ylabel("ms per step")
+    reach.bar(names, [r["time_to_accuracy"] or 0 for r in done], color=colors)
+    reach.set_ylabel(f"seconds to test accuracy {ACCURACY_BAR} (0: not reached)")
+    for ax in (steps, reach):
+        ax.tick_params(axis="x", rotation=45)
+    failed = [f"{r['method']}: {r['error'][:80]}" for r in rows if "error" in r]
+    fig.suptitle(f"{link}: hvdtrain (blue) and DDP hooks (gray), {RANKS} ranks"
+                 + ("\nnot run: " + "; ".join(failed) if failed else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def _check_link(link: str, rows: list[dict], targets: Targets) -> None:
+    by = {r["method"]: r for r in rows if "error" not in r}
+    base = by["none"]
+    for method in ("topk", "shared_topk", "powersgd"):
+        if method in by:
+            change = by[method]["test_accuracy"] - base["test_accuracy"]
+            line = f"  {link:8s} {method}: accuracy {change:+.3f} vs none " + \
+                targets.check(f"{link} {method} accuracy vs none", change, ">=", -0.01)
+            if link == "1gbit":
+                speedup = by[method]["speedup_vs_none"]
+                line += f", step x{speedup:.2f} " + targets.check(f"1gbit {method} step speed-up vs none", speedup, ">=", 3)
+            print(line)
+    for ours, theirs in (("none", "ddp:none"), ("fp16", "ddp:fp16")):
+        if ours in by and theirs in by:
+            ratio = by[theirs]["step_ms"] / by[ours]["step_ms"]
+            print(f"  {link:8s} {ours} vs {theirs}: {ratio:.2f}x DDP's speed "
+                  f"{targets.check(f'{link} hvdtrain {ours} step speed / {theirs}', ratio, '>=', 1.0)}")
+    if "auto" in by and link == "loopback":
+        ratio = by["auto"]["step_ms"] / min(r["step_ms"] for r in by.values())
+        print(f"  {link:8s} auto: step {ratio:.2f}x the fastest method's "
+              f"{targets.check('loopback auto step / fastest step', ratio, '<=', 1.05)}; {by['auto'].get('auto_tensors', '')}")
+    reached = {m: r["time_to_accuracy"] for m, r in by.items() if r["time_to_accuracy"] is not None}
+    ours = {m: t for m, t in reached.items() if not m.startswith("ddp:")}
+    theirs = {m: t for m, t in reached.items() if m.startswith("ddp:")}
+    if ours and theirs:
+        best, rival = min(ours, key=ours.get), min(theirs, key=theirs.get)
+        ratio = theirs[rival] / ours[best]
+        line = (f"  {link:8s} time to accuracy {ACCURACY_BAR}: hvdtrain {best} {ours[best]:.1f} s, DDP's best "
+                f"{rival} {theirs[rival]:.1f} s: {ratio:.2f}x sooner")
+        if link == "1gbit":
+            line += " " + targets.check("1gbit time to accuracy: DDP's best / hvdtrain's best", ratio, ">=", 3)
+        print(line)
+
+
+def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METHODS,
+        baselines: tuple[str, ...] = BASELINES, epochs: int = EPOCHS) -> dict:
     targets = Targets()
+    job = [*TRAIN, f"train.epochs={epochs}"]
     results: dict = {"selection": [selection_vs_memcpy(n) for n in (1_000_000, 6_400_000, 25_000_000)],
-                     "links": {}}
+                     "settings": {"ranks": RANKS, "batch_per_rank": BATCH, "train": job,
+                                  "accuracy_bar": ACCURACY_BAR}, "links": {}, "plots": []}
     for row in results["selection"]:
         verdict = targets.check(f"top-1% selection of {row['elements']:,} floats, memcpy-times",
                                 row["memcpy_times"], "<=", 3)
@@ -92,29 +213,24 @@ def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METH
             with links.network(link):
                 for method in dict.fromkeys(("none", *methods)):  # none is every link's baseline
                     print(f"bench compression: {link} {method} ...", flush=True)
-                    rows.append(_train(prefix, method, Path(scratch)))
+                    rows.append(_hvdtrain(prefix, method, Path(scratch), job))
+                for hook in baselines:
+                    print(f"bench compression: {link} DDP {hook} ...", flush=True)
+                    rows.append(_ddp(link, hook.split(":")[-1], Path(scratch), job))
             base = next(r for r in rows if r["method"] == "none")
             for row in rows:
+                if "error" in row:
+                    print(f"  {link:8s} {row['method']:12s} not run: {row['error']}", flush=True)
+                    continue
                 row["speedup_vs_none"] = base["step_ms"] / row["step_ms"]
+                reach = f"{row['time_to_accuracy']:.1f} s" if row["time_to_accuracy"] is not None else "not reached"
                 print(f"  {link:8s} {row['method']:12s} step {row['step_ms']:7.1f} ms  x{row['speedup_vs_none']:.2f} "
                       f"vs none  {row['bytes_per_step'] / 1e6:7.2f} MB/step  ({row['compression']}, "
-                      f"accuracy {row['test_accuracy']:.3f})", flush=True)
-            for row in rows:
-                method = row["method"]
-                if method in ("topk", "shared_topk"):
-                    change = row["test_accuracy"] - base["test_accuracy"]
-                    line = f"  {link:8s} {method}: accuracy {change:+.3f} vs none " + \
-                        targets.check(f"{link} {method} accuracy vs none", change, ">=", -0.01)
-                    if link == "1gbit":
-                        speedup = row["speedup_vs_none"]
-                        line += f", step x{speedup:.2f} " + \
-                            targets.check(f"1gbit {method} step speed-up vs none", speedup, ">=", 3)
-                    print(line)
-                if row["method"] == "auto" and link == "loopback":
-                    ratio = 1 / row["speedup_vs_none"]
-                    print(f"  {link:8s} auto: step {ratio:.2f}x none's "
-                          f"{targets.check('loopback auto step / none step', ratio, '<=', 1.05)}; {row.get('auto_tensors', '')}")
+                      f"accuracy {row['test_accuracy']:.3f}, to {ACCURACY_BAR}: {reach})", flush=True)
+            _check_link(link, rows, targets)
             results["links"][link] = rows
+            if out:
+                results["plots"].append(_plot(link, rows, out.with_name(f"{out.stem}-{link}.png")))
     results["targets"] = targets.checked
     if out:
         write_json(out, results)

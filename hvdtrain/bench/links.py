@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 HOSTS = Path(__file__).with_name("netns") / "hosts.sh"
+HOST_ADDRESSES = ("10.78.0.11", "10.78.0.12")  # h1, h2 (hosts.sh); the bridge is 10.78.0.1
 
 
 def mpirun_in_namespaces(ranks: int, exports: tuple[str, ...] = ()) -> list[str]:

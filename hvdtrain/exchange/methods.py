@@ -251,9 +251,9 @@ class PowerSGD:
         for i, ((offset, count, shape), m, p) in enumerate(zip(self.factorized, residuals, ps)):
             q = flat_q[start:start + qs[i].size].reshape(qs[i].shape)
             start += q.size
-            approximation = p @ q.T
+            approximation = buffer[offset:offset + count].reshape(shape)
+            np.matmul(p, q.T, out=approximation)  # the average, written straight into the buffer
             m -= approximation  # the residual: what this rank's gradient had beyond the shared approximation
-            buffer[offset:offset + count] = approximation.ravel()
             self.q[i] = np.ascontiguousarray(q)
         self.comm_seconds = time.perf_counter() - started
         return flat_p.nbytes + flat_q.nbytes + sum(region.nbytes for _, region in dense)

@@ -104,32 +104,52 @@ class ShardReader:
             self._open[shard] = opened
         return opened
 
-    def _read_raw(self, opened: _OpenShard, segment: Segment, x: np.ndarray, offset: int) -> bool:
-        """preadv the segment's samples into x[offset:]; False when some chunk must go through HDF5."""
+    def _raw_ranges(self, opened: _OpenShard, segment: Segment) -> Optional[list[tuple[int, int]]]:
+        """(file offset, bytes) of the segment's samples, chunk by chunk, in sample order; None when some
+        chunk must go through HDF5 (a filtered or unwritten one)."""
         layout, sample_bytes = opened.layout, self.shard_set.sample_bytes
-        if layout is None or not x.flags.c_contiguous:
-            return False
+        if layout is None:
+            return None
         chunk = layout.chunk_samples
         first, last = segment.start // chunk, (segment.stop - 1) // chunk
         if (layout.offsets[first:last + 1] < 0).any():
-            return False  # unwritten chunks read as the fill value, which only HDF5 knows
-        dest = memoryview(x.reshape(-1).view(np.uint8))[offset * sample_bytes:]
-        start = segment.start
+            return None  # unwritten chunks read as the fill value, which only HDF5 knows
+        ranges, start = [], segment.start
         while start < segment.stop:
             c = start // chunk
             stop = min((c + 1) * chunk, segment.stop)
-            want = (stop - start) * sample_bytes
-            got = os.preadv(opened.raw.fileno(), [dest[:want]],
-                            int(layout.offsets[c]) + (start - c * chunk) * sample_bytes)
+            ranges.append((int(layout.offsets[c]) + (start - c * chunk) * sample_bytes, (stop - start) * sample_bytes))
+            start = stop
+        return ranges
+
+    def _read_raw(self, opened: _OpenShard, segment: Segment, x: np.ndarray, offset: int) -> bool:
+        """preadv the segment's samples into x[offset:]; False when some chunk must go through HDF5."""
+        ranges = self._raw_ranges(opened, segment) if x.flags.c_contiguous else None
+        if ranges is None:
+            return False
+        dest = memoryview(x.reshape(-1).view(np.uint8))[offset * self.shard_set.sample_bytes:]
+        for position, want in ranges:
+            got = os.preadv(opened.raw.fileno(), [dest[:want]], position)
             if got != want:
                 raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
-            dest, start = dest[want:], stop
+            dest = dest[want:]
         return True
 
-    def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray) -> int:
-        """Read the segments back to back into the front of x and y; returns the sample count."""
-        offset = 0
+    def advise(self, segments: Sequence[Segment]) -> None:
+        """posix_fadvise(WILLNEED) on the segments' bytes: from a cold page cache the kernel then reads
+        them all at once, in its own order, instead of one preadv at a time (no-op where cached)."""
         for segment in segments:
+            opened = self._shard(segment.shard)
+            for position, length in self._raw_ranges(opened, segment) or ():
+                os.posix_fadvise(opened.raw.fileno(), position, length, os.POSIX_FADV_WILLNEED)
+
+    def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray) -> int:
+        """Read the segments back to back into the front of x and y; returns the sample count. The reads
+        go in file order (each to its own place), which a disk serves fastest."""
+        starts = np.concatenate([[0], np.cumsum([len(s) for s in segments])]).astype(int)
+        self.advise(segments)
+        for i in sorted(range(len(segments)), key=lambda i: (segments[i].shard, segments[i].start)):
+            segment, offset = segments[i], int(starts[i])
             opened = self._shard(segment.shard)
             dest = np.s_[offset:offset + len(segment)]
             path = self.shard_set.shard_path(segment.shard)
@@ -147,8 +167,7 @@ class ShardReader:
                                   f"(corrupt or truncated shard: {exc})") from None
             tasks.check_labels(self.task, y[offset:offset + len(segment)], self.num_classes,
                                f"{path}: samples {segment.start}..{segment.stop}")
-            offset += len(segment)
-        return offset
+        return int(starts[-1])
 
     def buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         return (np.empty((n, *self.shard_set.sample_shape), dtype=self.shard_set.x_dtype),
