@@ -62,6 +62,23 @@ def _select(x, threshold, indices, values):
     return count
 
 
+@njit(nogil=True, cache=True, boundscheck=False)
+def scatter_mean(buffer, indices, values, ranks, touched):
+    """buffer[i] = (sum of the values sent for i) / ranks at every gathered index i, in one compiled pass
+    over the k x ranks entries (np.add.at, then dividing the whole region, cost two passes over the
+    tensor). The sums accumulate in the gathered order, as np.add.at's do, so the bits are the same.
+    The regions must be zero before; `touched` (uint8, one per buffer entry, all zero) is left all zero."""
+    for j in range(indices.shape[0]):
+        buffer[indices[j]] += values[j]
+    for j in range(indices.shape[0]):
+        i = indices[j]
+        if touched[i] == 0:
+            buffer[i] /= ranks
+            touched[i] = 1
+    for j in range(indices.shape[0]):
+        touched[indices[j]] = 0
+
+
 def _threshold(sample: np.ndarray, k: int, n: int, scale: float = 1.0) -> np.float32:
     want = min(len(sample), max(1, round(len(sample) * k * scale / n)))
     value = np.partition(sample, len(sample) - want)[len(sample) - want]

@@ -24,7 +24,7 @@ import numpy as np
 from hvdtrain.config import CompressionConfig
 from hvdtrain.exchange.collectives import Collectives
 from hvdtrain.exchange.feedback import ErrorFeedback, MomentumCorrection
-from hvdtrain.topk import TopK
+from hvdtrain.topk import TopK, scatter_mean
 
 
 def density(cfg: CompressionConfig, step: int) -> float:
@@ -70,6 +70,7 @@ class AllgatherTopK:
         self.feedback, self.momentum = feedback, momentum
         self.split = sum(n for _, n in large)  # buffer[:split] may be sparsified, the rest is dense
         self.select = TopK()
+        self.touched = np.zeros(self.split, np.uint8)  # scatter_mean's scratch
         self.active = [True] * len(large)
         self.select_seconds: list[float] = []  # per active tensor
         self.comm_seconds = 0.0
@@ -102,14 +103,12 @@ class AllgatherTopK:
         gathered = [comm.wait(handle) for handle in gathers]
         _wait(comm, handles)
         self.comm_seconds = time.perf_counter() - started
-        sparse = [slice(o, o + n) for (o, n), active in zip(self.large, self.active) if active]
-        for part in sparse:
-            buffer[part] = 0
+        for (o, n), active in zip(self.large, self.active):
+            if active:
+                buffer[o:o + n] = 0
         if gathered:
             all_values, all_indices = gathered
-            np.add.at(buffer, all_indices, all_values)
-        for part in sparse:
-            buffer[part] /= ranks
+            scatter_mean(buffer, all_indices, all_values, np.float32(ranks), self.touched)
         for offset, region in dense:
             self.momentum.accelerate(buffer, slice(offset, offset + region.size))
         return values.nbytes + indices.nbytes + sum(region.nbytes for _, region in dense)
