@@ -5,9 +5,9 @@ schedule as the `hvdtrain train` runs it is compared with (built from the same c
 hvdtrain's own pieces), trained with torch.nn.parallel.DistributedDataParallel and, per `--hook`:
   none      DDP's own bucketed allreduce (fp32);
   fp16      default_hooks.fp16_compress_hook;
-  bf16      default_hooks.bf16_compress_hook (needs CUDA and NCCL: refused on CPU, see `hook`);
+  bf16      default_hooks.bf16_compress_hook's body (DDP refuses the hook itself on CPU: `bf16_on_cpu`);
   powersgd  powerSGD_hook.powerSGD_hook with PowerSGDState (rank, start step and min rate from the
-            compression.powersgd_* keys, as hvdtrain's powersgd uses them).
+            compression.powersgd_* keys, as hvdtrain's powersgd uses them), in one bucket (`ddp_model`).
 Rank 0 writes metrics.jsonl with hvdtrain's keys (epoch, step, samples_per_s, bytes_per_step,
 test_accuracy), so both kinds of run are read alike. Bytes per step are what this rank handed to
 allreduce: counted by wrapping torch.distributed.all_reduce for the hooks, 4 bytes per parameter for
@@ -25,29 +25,45 @@ import time
 from pathlib import Path
 
 
-def hook(name: str, cfg, model):
-    """Register DDP communication hook `name` on `model`; the hook state (None for DDP's own path)."""
+def bf16_on_cpu(process_group, bucket):
+    """default_hooks.bf16_compress_hook's own body under another name: DDP refuses that hook by name
+    unless CUDA 11+ and NCCL 2.10+ are there (DistributedDataParallel._check_comm_hook), though gloo
+    allreduces bfloat16 CPU tensors."""
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
+
+
+def ddp_model(name: str, cfg, module):
+    """`module` in DDP with communication hook `name` registered (see the module docstring).
+
+    PowerSGD gets one bucket for all gradients. powerSGD_hook issues its P and Q allreduces from
+    Future.then() callbacks, which run on gloo's two worker threads and block there; while one bucket's
+    chain runs, DDP hands the next bucket to the hook. Both workers can then block (the job hangs), or
+    the ranks enqueue their collectives in different orders, which gloo pairs by tag ("op.preamble.length
+    <= op.nbytes ... Received data size doesn't match expected size"). DDP's default buckets (a 1 MB first
+    one, then 25 MB) split this MLP in two, so it failed at step start_powerSGD_iter, its first compressed
+    step; with one bucket it runs. bucket_cap_mb must be passed explicitly: only the default leaves the
+    1 MB first bucket.
+    """
     import torch
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-    if name == "none":
-        return None
-    if name == "fp16":
-        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        return None
-    if name == "bf16":
-        if not torch.cuda.is_available():  # PyTorch's own check would fail inside the first backward
-            raise SystemExit("ddp bf16: bf16_compress_hook requires CUDA 11+ and NCCL 2.10+ (PyTorch's "
-                             "check), and this node has no CUDA")
-        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        return None
+    if name != "powersgd":
+        model = torch.nn.parallel.DistributedDataParallel(module)
+        if name != "none":
+            model.register_comm_hook(None, default_hooks.fp16_compress_hook if name == "fp16" else bf16_on_cpu)
+        return model
+    gradient_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    model = torch.nn.parallel.DistributedDataParallel(module, bucket_cap_mb=max(25.0, gradient_mb + 1))
     state = powerSGD_hook.PowerSGDState(
         process_group=None, matrix_approximation_rank=cfg.compression.powersgd_rank,
         start_powerSGD_iter=max(2, cfg.compression.powersgd_start_step),  # PyTorch asks for at least 2
         min_compression_rate=cfg.compression.powersgd_min_rate,
         warm_start=cfg.compression.powersgd_warm_start, use_error_feedback=True)
     model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    return state
+    return model
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -75,8 +91,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_reduce = counted
     data = Dataset(cfg.data, cfg.seed, cfg.task)
     rank_data = data.for_rank(cfg.train.batch_size, rank, size)
-    model = torch.nn.parallel.DistributedDataParallel(build_model(cfg, data.sample_shape, data.num_classes))
-    hook(args.hook, cfg, model)
+    model = ddp_model(args.hook, cfg, build_model(cfg, data.sample_shape, data.num_classes))
     parameters = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
