@@ -304,6 +304,9 @@ def parser() -> argparse.ArgumentParser:
     scale.add_argument("--modes", type=_modes, default=["horovod", "horovod-default", "ddp", "nocomm"])
     scale.add_argument("--out", default="benchmarks/results", help="results directory (report reads it)")
     scale.add_argument("--timeout", type=float, default=600, help="seconds per job")
+    scale.add_argument("--links", type=lambda t: t.split(","), default=["loopback"],
+                       help="loopback and/or tc-capped namespace links such as 1gbit,10gbit (needs root): on a "
+                            "capped link the communicating modes run at 2 ranks, one per namespace host")
     scale.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
     scale.add_argument("--timeline", action="store_true",
                        help="write Horovod's timeline of the first run of each Horovod job to OUT/timeline-MODE-npN.json "

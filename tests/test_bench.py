@@ -12,16 +12,20 @@ def test_scaling_allreduce_and_report(tmp_path):
     out = tmp_path / "results"
     hvdtrain("bench", "scaling", "--np", "1,2", "--modes", "horovod,horovod-default,ddp,nocomm", "--repeats", "1",
              "--steps", "4", "--warmup", "1", "--model", "mlp", "--shape", "1", "8", "8", "--out", str(out),
-             "--timeline", timeout=600)
+             "--timeline", "--links", "loopback,1gbit", timeout=900)
     hvdtrain("bench", "allreduce", "--np", "2", "--impls", "horovod-mpi,horovod-gloo,mpi4py,torch-gloo",
              "--sizes", "0.01,1,2", "--links", "loopback,1gbit", "--out", str(out), timeout=600)
     done = hvdtrain("bench", "report", str(out))
     assert "report.md" in done.stdout
 
     scaling = json.loads((out / "scaling.json").read_text())
-    rows = {(r["mode"], r["ranks"]): r for r in scaling["rows"]}
-    assert set(rows) == {(m, n) for m in ("horovod", "horovod-default", "ddp", "nocomm") for n in (1, 2)}
-    for (mode, ranks), row in rows.items():
+    rows = {(r["mode"], r["link"], r["ranks"]): r for r in scaling["rows"]}
+    assert set(rows) == {*((m, "loopback", n) for m in ("horovod", "horovod-default", "ddp", "nocomm") for n in (1, 2)),
+                         *((m, "1gbit", 2) for m in ("horovod", "horovod-default", "ddp"))}
+    # over the capped link every communicating mode ran on the two namespace hosts, against its one-rank run
+    assert all(rows[m, "1gbit", 2]["efficiency"] > 0 for m in ("horovod", "ddp"))
+    assert {t["target"] for t in scaling["targets"]} >= {"np=1 hvdtrain / DDP", "np=2 over 1gbit hvdtrain / DDP"}
+    for (mode, link, ranks), row in rows.items():
         assert len(row["per_rank_samples_per_s"]) == ranks  # measured on every rank, not extrapolated
         assert row["samples_per_s"] > 0 and row["efficiency"] > 0
     # Horovod's timeline, on request: its negotiation and allreduce of the flat gradient buffer
@@ -43,5 +47,6 @@ def test_scaling_allreduce_and_report(tmp_path):
     for plot in ("scaling.png", "comparison.png", "allreduce.png", "projection.png", "projection-1gbit.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
-    assert "| hvdtrain (Horovod, tuned) | 2 |" in markdown and "## Scale-out projection over 1gbit" in markdown
+    assert "| hvdtrain (Horovod, tuned) | loopback | 2 |" in markdown and "## Scale-out projection over 1gbit" in markdown
+    assert "2 ranks over 1gbit: hvdtrain relative to DDP" in markdown
     assert report["machine"]["cores"] >= 1 and "horovod" in report["machine"]["versions"]

@@ -144,7 +144,7 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
           f"{report['machine']['memory_gib']} GiB, host {report['machine']['host']}; versions "
           + ", ".join(f"{k} {v}" for k, v in report["machine"]["versions"].items()) + ".", ""]
     plots = []
-    rows = []
+    rows, capped = [], []
     if scaling_file.exists():
         scaling = json.loads(scaling_file.read_text())
         rows = scaling["rows"]
@@ -155,14 +155,23 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
                f"{settings['shape']}, batch {settings['batch_size']} per rank, {settings['steps']} timed steps after "
                f"{settings['warmup']} warm-up, {rows[0]['threads']} thread(s) per rank. Horovod settings: "
                + ", ".join(f"{k}={v}" for k, v in settings["horovod_env"].items()) + ".", "",
-               "| mode | ranks | samples/s | efficiency | step ms | forward+backward ms | exchange+optimizer ms |",
-               "|---|---|---|---|---|---|---|"]
+               "| mode | link | ranks | samples/s | efficiency | step ms | forward+backward ms | exchange+optimizer ms |",
+               "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
-            md.append(f"| {LABELS.get(r['mode'], r['mode'])} | {r['ranks']} | {r['samples_per_s']:.0f} | {eff} | "
-                      f"{r['step_ms']:.1f} | {r['forward_backward_ms']:.1f} | {r['optimizer_step_ms']:.1f} |")
+            md.append(f"| {LABELS.get(r['mode'], r['mode'])} | {r.get('link', 'loopback')} | {r['ranks']} | "
+                      f"{r['samples_per_s']:.0f} | {eff} | {r['step_ms']:.1f} | {r['forward_backward_ms']:.1f} | "
+                      f"{r['optimizer_step_ms']:.1f} |")
+        capped = [r for r in rows if r.get("link", "loopback") != "loopback"]
+        rows = [r for r in rows if r.get("link", "loopback") == "loopback"]
         by = {(r["mode"], r["ranks"]): r["samples_per_s"] for r in rows}
         md.append("")
+        for link_name in dict.fromkeys(r["link"] for r in capped):
+            on = {r["mode"]: r["samples_per_s"] for r in capped if r["link"] == link_name}
+            if "horovod" in on and "ddp" in on:
+                md.append(f"- 2 ranks over {link_name}: hvdtrain relative to DDP {on['horovod'] / on['ddp']:.2f}x"
+                          + (f", to Horovod's defaults {on['horovod'] / on['horovod-default']:.2f}x"
+                             if "horovod-default" in on else ""))
         for n in sorted({r["ranks"] for r in rows}):
             ratios = [f"{LABELS[m]} {by['horovod', n] / by[m, n]:.2f}x" for m in ("ddp", "horovod-default", "nocomm")
                       if (m, n) in by and ("horovod", n) in by]
@@ -201,8 +210,11 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
                 link = _calibrate(on_link)
                 if link is None:
                     continue
-                # the training points were measured on loopback; the capped links have the model only
-                measured = horovod_rows if link_name == "loopback" else []
+                # training points measured on this link (bench scaling --links), with the one-rank run
+                measured = horovod_rows if link_name == "loopback" else \
+                    [r for r in horovod_rows if r["ranks"] == 1] + sorted(
+                        (r for r in capped if r["mode"] == "horovod" and r["link"] == link_name), key=lambda r: r["ranks"])
+                measured = [r for r in measured if r["efficiency"] is not None]
                 name = (f"{link_name}: alpha {link.alpha * 1e6:.0f} us, beta {link.beta / 1e9:.3f} GB/s, "
                         f"Horovod {link.overhead * 1e3:.1f} ms per call")
                 plot, projection = _projection(link, name, gradient_bytes, compute_s, measured, out,

@@ -4,6 +4,8 @@ The launcher runs one job per (mode, ranks): `horovodrun` for Horovod, `torchrun
 no-communication ceiling (N independent processes, the hardware limit). Each rank times its own steps
 after a warm-up and writes them; nothing is extrapolated from rank 0. Weak scaling: the batch per rank is
 fixed, so efficiency E(N) = T(N) / (N x T(1)) with T the total samples/s of the same mode.
+With `--links 1gbit,...` the communicating modes also run at 2 ranks on the capped network-namespace hosts
+(hvdtrain.bench.links, one core each), through mpirun; T(1) is the same mode's one-rank run (no link).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdtrain import runtime
-from hvdtrain.bench import end_torch_distributed
+from hvdtrain.bench import Targets, end_torch_distributed
 from hvdtrain.config import HorovodConfig, choices
 
 # horovod: hvdtrain's path (its tuned settings and gradient exchange); horovod-default: Horovod's own
@@ -105,25 +107,33 @@ def worker(args: argparse.Namespace) -> None:
             for key, value in zip(timings, (t1 - t0, compute, update, t3 - t0)):
                 timings[key].append(value)
     elapsed = sum(timings["step"])
-    result = {"mode": args.mode, "rank": rank, "size": size, "threads": threads, "device": str(device),
+    result = {"mode": args.mode, "link": args.link, "rank": rank, "size": size, "threads": threads, "device": str(device),
               "samples_per_s": args.batch_size * args.steps / elapsed,
               **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in timings.items()},
               "params": sum(p.numel() for p in model.parameters()),
               "settings": {k: getattr(args, k) for k in ("model", "width", "depth", "shape", "batch_size",
                                                          "steps", "warmup")}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    with open(Path(args.out) / f"{args.mode}-np{size}-rep{args.repeat}-rank{rank}.json", "w") as handle:
+    link = "" if args.link == "loopback" else f"-{args.link}"
+    with open(Path(args.out) / f"{args.mode}{link}-np{size}-rep{args.repeat}-rank{rank}.json", "w") as handle:
         json.dump(result, handle)
     if args.mode == "ddp" and size > 1:
         end_torch_distributed()
 
 
-def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline: Path | None = None) -> None:
-    module = [sys.executable, "-m", "hvdtrain.bench.scaling", "worker", "--mode", mode, *worker_args]
+def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline: Path | None = None,
+            link: str = "loopback") -> None:
+    module = [sys.executable, "-m", "hvdtrain.bench.scaling", "worker", "--mode", mode, "--link", link, *worker_args]
     env = dict(os.environ)
     if timeline is not None and mode.startswith("horovod"):
         env["HOROVOD_TIMELINE"] = str(timeline)  # Horovod's own trace of every collective (rank 0 writes it)
-    if mode.startswith("horovod"):
+    if link != "loopback":  # one rank per namespace host, started by mpirun; gloo (DDP) over the capped veth
+        from hvdtrain.bench import links
+
+        env.update(MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29532", GLOO_SOCKET_IFNAME="eth0")
+        command = [*links.mpirun_in_namespaces(np, ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
+                                                    *(k for k in env if k.startswith("HOROVOD_")))), *module]
+    elif mode.startswith("horovod"):
         command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np), *module]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}",
@@ -134,50 +144,58 @@ def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline
 
 
 def collect(results_dir: Path) -> list[dict[str, Any]]:
-    """One row per (mode, ranks): the median over repetitions of the summed per-rank throughput."""
-    runs: dict[tuple[str, int], dict[str, list[dict]]] = {}
+    """One row per (mode, link, ranks): the median over repetitions of the summed per-rank throughput."""
+    runs: dict[tuple[str, str, int], dict[str, list[dict]]] = {}
     for path in sorted(results_dir.glob("raw/*-np*-rep*-rank*.json")):
         result = json.loads(path.read_text())
         repeat = path.name.split("-rep")[1].split("-")[0]
-        runs.setdefault((result["mode"], result["size"]), {}).setdefault(repeat, []).append(result)
+        link = result.get("link", "loopback")
+        runs.setdefault((result["mode"], link, result["size"]), {}).setdefault(repeat, []).append(result)
     table = []
-    for (mode, size), repeats in sorted(runs.items()):
+    for (mode, link, size), repeats in sorted(runs.items(), key=lambda item: (item[0][1] != "loopback", item[0])):
         complete = [ranks for ranks in repeats.values() if len(ranks) == size]
         totals = [sum(r["samples_per_s"] for r in ranks) for ranks in complete]
         median_run = complete[sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]]
-        table.append({"mode": mode, "ranks": size, "samples_per_s": statistics.median(totals),
+        table.append({"mode": mode, "link": link, "ranks": size, "samples_per_s": statistics.median(totals),
                       "runs_samples_per_s": totals,
                       "per_rank_samples_per_s": [r["samples_per_s"] for r in sorted(median_run, key=lambda r: r["rank"])],
                       **{k: statistics.mean(r[k] for r in median_run) for k in
                          ("data_ms", "forward_backward_ms", "optimizer_step_ms", "step_ms")},
                       "threads": median_run[0]["threads"], "params": median_run[0]["params"]})
     for row in table:
-        one = next((r for r in table if r["mode"] == row["mode"] and r["ranks"] == 1), None)
+        one = next((r for r in table if r["mode"] == row["mode"] and r["ranks"] == 1 and r["link"] == "loopback"), None)
         row["efficiency"] = row["samples_per_s"] / (row["ranks"] * one["samples_per_s"]) if one else None
     return table
 
 
 def write_scaling(out: Path) -> list[dict[str, Any]]:
-    """Aggregate raw/ into scaling.json (what `bench report` reads) and print the table."""
+    """Aggregate raw/ into scaling.json (what `bench report` reads), print the table and the targets."""
     table = collect(out)
     if not table:
         raise RuntimeError(f"{out / 'raw'}: no benchmark results")
     first = json.loads(next(iter(sorted((out / "raw").glob("*-rank*.json")))).read_text())
-    with open(out / "scaling.json", "w") as handle:
-        json.dump({"settings": {**first["settings"], "horovod_env": {**runtime.horovod_env(HorovodConfig()),
-                                                                       **_exported_horovod_env()}}, "rows": table}, handle, indent=2)
     for row in table:
         eff = f"{row['efficiency']:.2f}" if row["efficiency"] is not None else "-"
-        print(f"{row['mode']:15s} np={row['ranks']}  {row['samples_per_s']:8.1f} samples/s  efficiency {eff}  "
-              f"step {row['step_ms']:.1f} ms (fwd+bwd {row['forward_backward_ms']:.1f}, "
+        print(f"{row['mode']:15s} {row['link']:8s} np={row['ranks']}  {row['samples_per_s']:8.1f} samples/s  "
+              f"efficiency {eff}  step {row['step_ms']:.1f} ms (fwd+bwd {row['forward_backward_ms']:.1f}, "
               f"exchange+optimizer {row['optimizer_step_ms']:.1f})")
-    by = {(r["mode"], r["ranks"]): r["samples_per_s"] for r in table}
-    for np in sorted({r["ranks"] for r in table}):
-        if ("horovod", np) in by and ("horovod-default", np) in by:
-            print(f"np={np}: hvdtrain settings / Horovod defaults = {by['horovod', np] / by['horovod-default', np]:.2f}x")
-        if ("horovod", np) in by and ("ddp", np) in by:
-            print(f"np={np}: hvdtrain (Horovod) / DDP = {by['horovod', np] / by['ddp', np]:.2f}x"
-                  + (f", / ceiling = {by['horovod', np] / by['nocomm', np]:.2f}x" if ("nocomm", np) in by else ""))
+    targets = Targets()
+    ceiling = {r["ranks"]: r["samples_per_s"] for r in table if r["mode"] == "nocomm"}
+    for link in dict.fromkeys(r["link"] for r in table):
+        by = {(r["mode"], r["ranks"]): r["samples_per_s"] for r in table if r["link"] == link}
+        for np in sorted({n for _, n in by}):
+            where = f"np={np}" + ("" if link == "loopback" else f" over {link}")
+            if ("horovod", np) in by and ("horovod-default", np) in by:
+                print(f"{where}: hvdtrain settings / Horovod defaults = {by['horovod', np] / by['horovod-default', np]:.2f}x")
+            if ("horovod", np) in by and ("ddp", np) in by:
+                ratio = by["horovod", np] / by["ddp", np]
+                print(f"{where}: hvdtrain (Horovod) / DDP = {ratio:.2f}x "
+                      f"{targets.check(f'{where} hvdtrain / DDP', ratio, '>=', 0.97 if np == 1 else 1.05)}"
+                      + (f", / ceiling = {by['horovod', np] / ceiling[np]:.2f}x" if np in ceiling else ""))
+    with open(out / "scaling.json", "w") as handle:
+        json.dump({"settings": {**first["settings"], "horovod_env": {**runtime.horovod_env(HorovodConfig()),
+                                                                       **_exported_horovod_env()}},
+                   "rows": table, "targets": targets.checked}, handle, indent=2)
     return table
 
 
@@ -195,6 +213,16 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(f"scaling: {mode} np={np} (run {repeat + 1}/{args.repeats}) ...", flush=True)
                 timeline = out / f"timeline-{mode}-np{np}.json" if args.timeline and repeat == 0 else None
                 _launch(mode, np, [*worker_args, "--repeat", str(repeat)], args.timeout, timeline)
+    capped = [link for link in getattr(args, "links", ["loopback"]) if link != "loopback"]
+    if capped:
+        from hvdtrain.bench import links
+
+        for link in capped:
+            with links.network(link):
+                for repeat in range(args.repeats):
+                    for mode in (m for m in args.modes if m != "nocomm"):  # no communication: no link
+                        print(f"scaling: {mode} np=2 over {link} (run {repeat + 1}/{args.repeats}) ...", flush=True)
+                        _launch(mode, 2, [*worker_args, "--repeat", str(repeat)], args.timeout, link=link)
     return write_scaling(out)
 
 
@@ -225,6 +253,7 @@ if __name__ == "__main__":  # entry points for launchers and job scripts (slurm/
     work.add_argument("--mode", choices=MODES, required=True)
     work.add_argument("--out", required=True)
     work.add_argument("--repeat", type=int, default=0)
+    work.add_argument("--link", default="loopback", help="recorded with the timings (the launcher picks the network)")
     add_model_arguments(work)
     gather = sub.add_parser("collect", help="write scaling.json from the ranks' files in OUT/raw")
     gather.add_argument("--out", required=True)
