@@ -12,7 +12,9 @@ from conftest import BIN, REPO, hvdtrain, run
 from hvdtrain.cli import main
 
 BAR = 0.97
-SEEDS = (1, 2)  # two seeds per (framework, ranks): a third added 5 minutes to CI
+# One seed per (framework, ranks), a different one at each scale: CI time. The shipped configs were swept
+# over more seeds by hand (configs/digits-*.yaml; README, Training).
+SEEDS = {1: 1, 2: 2, 4: 3}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def final_accuracy(run_dir) -> float:
 def test_shipped_config_reaches_the_bar_for_every_seed(framework, np_, digits, tmp_path):
     config = str(REPO / f"configs/digits-{framework}.yaml")
     accuracy = {}
-    for seed in SEEDS:
+    for seed in (SEEDS[np_],):
         run_dir = tmp_path / f"seed{seed}"
         hvdtrain("train", "--config", config, "--run-dir", str(run_dir), *digits, f"seed={seed}", np=np_,
                  timeout=600)
@@ -42,8 +44,9 @@ def test_shipped_config_reaches_the_bar_for_every_seed(framework, np_, digits, t
     assert min(accuracy.values()) >= BAR, accuracy
 
 
-@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
-@pytest.mark.parametrize("optimizer", ["lars", "lamb"])
+# each optimizer in one framework, each framework once (CI time); tests/test_optim.py checks both
+# frameworks' updates of both against the papers' formulas
+@pytest.mark.parametrize("optimizer,framework", [("lars", "tensorflow"), ("lamb", "torch")])
 def test_large_batch_optimizers_reach_the_bar_at_four_ranks(optimizer, framework, digits, tmp_path):
     config = REPO / f"configs/digits-{optimizer}.yaml"
     hvdtrain("train", "--config", str(config), "--run-dir", str(tmp_path), *digits, f"framework={framework}",

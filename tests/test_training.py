@@ -86,7 +86,8 @@ def test_fresh_run_refuses_a_used_run_dir(tmp_path):
     assert "holds checkpoints of an earlier run" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+# SIGTERM takes the same handler (hvdtrain/loop.py registers both signals in one loop): CI time
+@pytest.mark.parametrize("signame", ["SIGUSR1"])
 def test_stop_signal_checkpoints_then_resume_matches_a_straight_run(signame, tmp_path):
     import signal
     import time

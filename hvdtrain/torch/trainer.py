@@ -146,10 +146,14 @@ class TorchAdapter:
         scaler.scale(loss).backward()
         computed = time.perf_counter()
         if self.flat is not None:
-            local_norm = float(torch.linalg.vector_norm(self.flat.buffer)) / scaler.get_scale()
+            # one rank's gradient is the average (unless momentum correction turns it into a velocity):
+            # one norm, not two passes over the buffer
+            alone = world.size == 1 and not self.flat.cfg.momentum_correction
+            local_norm = None if alone else float(torch.linalg.vector_norm(self.flat.buffer)) / scaler.get_scale()
             self.flat()  # the average of scaled gradients is the scaled average
             scaler.unscale_(self.optimizer)
             norm = float(torch.linalg.vector_norm(self.flat.buffer))
+            local_norm = norm if alone else local_norm
             scaler.step(self.optimizer)
         else:  # overlap: the allreduces ran from backward's hooks, into the gradients themselves
             # Horovod's AMP recipe: synchronize, unscale, then step without a second synchronize
