@@ -204,7 +204,10 @@ def test_batches_a_caller_keeps_are_never_overwritten(tmp_path):
                                  shuffle_buffer_mb=0.0005), seed=2)
     rank_data = dataset.for_rank(4, 0, 1)
     kept = list(rank_data.batches(0, rank_data.steps_per_epoch))  # every batch held at once
+    allocated = []  # window buffers: recycled when the caller lets its batches go
+    rank_data.train_reader.allocate = lambda shape, dtype: allocated.append(shape) or np.empty(shape, dtype)
     streamed = [x[:, 0, 0, 0].copy() for x, _ in rank_data.batches(0, rank_data.steps_per_epoch)]
+    assert len(allocated) <= 3 < len(rank_data.windows(0, rank_data.steps_per_epoch))
     ids = np.concatenate([x[:, 0, 0, 0] for x, _ in kept])
     assert len(set(ids.tolist())) == len(ids) == rank_data.steps_per_epoch * 4
     assert all(np.array_equal(k[0][:, 0, 0, 0], s) for k, s in zip(kept, streamed))

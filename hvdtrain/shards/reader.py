@@ -27,6 +27,8 @@ from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_h5
 from hvdtrain.shards.plan import Segment, Window
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # iovecs per preadv
+
 
 @dataclass(frozen=True)
 class RawLayout:
@@ -58,6 +60,29 @@ def raw_layout(handle: h5py.File, ds: h5py.Dataset, dtype: np.dtype, one_sample:
 
     ds.id.chunk_iter(visit)
     return RawLayout(chunk, offsets)
+
+
+def inverse_permutation(order: np.ndarray) -> np.ndarray:
+    """rows with rows[order[t]] = t: where each sample read goes for the samples to come out in `order`."""
+    rows = np.empty_like(order)
+    rows[order] = np.arange(len(order), dtype=order.dtype)
+    return rows
+
+
+def _as_slice(rows: np.ndarray) -> Optional[slice]:
+    """rows as a slice when they follow each other (an unshuffled read), else None."""
+    first = int(rows[0])
+    if len(rows) == 1 or (int(rows[-1]) - first == len(rows) - 1 and (np.diff(rows) == 1).all()):
+        return slice(first, first + len(rows))
+    return None
+
+
+def _read_hdf5(dataset: h5py.Dataset, source, target: np.ndarray, place) -> None:
+    """dataset[source] into target[place] through HDF5: directly for a slice, through a copy for rows."""
+    if isinstance(place, slice):
+        dataset.read_direct(target, source, place)
+    else:
+        target[place] = dataset[source]
 
 
 class _OpenShard:
@@ -122,17 +147,31 @@ class ShardReader:
             start = stop
         return ranges
 
-    def _read_raw(self, opened: _OpenShard, segment: Segment, x: np.ndarray, offset: int) -> bool:
-        """preadv the segment's samples into x[offset:]; False when some chunk must go through HDF5."""
+    def _read_raw(self, opened: _OpenShard, segment: Segment, x: np.ndarray, rows: np.ndarray) -> bool:
+        """preadv the segment's samples straight into rows `rows` of x (one iovec per sample, unless the rows
+        follow each other); False when some chunk must go through HDF5."""
         ranges = self._raw_ranges(opened, segment) if x.flags.c_contiguous else None
         if ranges is None:
             return False
-        dest = memoryview(x.reshape(-1).view(np.uint8))[offset * self.shard_set.sample_bytes:]
+        sample_bytes = self.shard_set.sample_bytes
+        dest = memoryview(x.reshape(-1).view(np.uint8))
+        done = 0
         for position, want in ranges:
-            got = os.preadv(opened.raw.fileno(), [dest[:want]], position)
-            if got != want:
-                raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
-            dest = dest[want:]
+            count = want // sample_bytes
+            part = rows[done:done + count]
+            run = _as_slice(part)
+            if run is not None:
+                vectors = [dest[run.start * sample_bytes:run.stop * sample_bytes]]
+            else:
+                vectors = [dest[r * sample_bytes:(r + 1) * sample_bytes] for r in part.tolist()]
+            for first in range(0, len(vectors), IOV_MAX):
+                batch = vectors[first:first + IOV_MAX]
+                expected = sum(len(v) for v in batch)
+                got = os.preadv(opened.raw.fileno(), batch, position)
+                if got != expected:
+                    raise OSError(f"short read: {got} of {expected} bytes (file truncated?)")
+                position += got
+            done += count
         return True
 
     def advise(self, segments: Sequence[Segment]) -> None:
@@ -143,29 +182,36 @@ class ShardReader:
             for position, length in self._raw_ranges(opened, segment) or ():
                 os.posix_fadvise(opened.raw.fileno(), position, length, os.POSIX_FADV_WILLNEED)
 
-    def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray) -> int:
-        """Read the segments back to back into the front of x and y; returns the sample count. The reads
-        go in file order (each to its own place), which a disk serves fastest."""
+    def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray,
+                  rows: Optional[np.ndarray] = None) -> int:
+        """Read the segments' samples into x and y: sample j of the segments (back to back) lands in row
+        rows[j] (default: row j), so a shuffled window is read in its shuffled order without a second copy.
+        Returns the sample count. The reads go in file order (each to its own place), which a disk serves
+        fastest."""
         starts = np.concatenate([[0], np.cumsum([len(s) for s in segments])]).astype(int)
+        if rows is None:
+            rows = np.arange(starts[-1])
         self.advise(segments)
         for i in sorted(range(len(segments)), key=lambda i: (segments[i].shard, segments[i].start)):
-            segment, offset = segments[i], int(starts[i])
+            segment, seg_rows = segments[i], rows[starts[i]:starts[i + 1]]
+            place = _as_slice(seg_rows)
+            place = seg_rows if place is None else place  # a slice reads and checks in place, no copies
             opened = self._shard(segment.shard)
-            dest = np.s_[offset:offset + len(segment)]
             path = self.shard_set.shard_path(segment.shard)
             try:
-                if opened.one_sample:  # the file's whole dataset is sample `offset`
-                    if not self._read_raw(opened, segment, x, offset):
-                        x[offset] = opened.x[()]
-                    y[offset] = opened.y[()]
+                if opened.one_sample:  # the file's whole dataset is one sample
+                    if not self._read_raw(opened, segment, x, seg_rows):
+                        x[seg_rows[0]] = opened.x[()]
+                    y[seg_rows[0]] = opened.y[()]
                 else:
-                    if not self._read_raw(opened, segment, x, offset):
-                        opened.x.read_direct(x, np.s_[segment.start:segment.stop], dest)
-                    opened.y.read_direct(y, np.s_[segment.start:segment.stop], dest)
+                    source = np.s_[segment.start:segment.stop]
+                    if not self._read_raw(opened, segment, x, seg_rows):
+                        _read_hdf5(opened.x, source, x, place)
+                    _read_hdf5(opened.y, source, y, place)
             except (OSError, ValueError, TypeError) as exc:
                 raise ConfigError(f"{path}: cannot read samples {segment.start}..{segment.stop} "
                                   f"(corrupt or truncated shard: {exc})") from None
-            tasks.check_labels(self.task, y[offset:offset + len(segment)], self.num_classes,
+            tasks.check_labels(self.task, y[place], self.num_classes,
                                f"{path}: samples {segment.start}..{segment.stop}")
         return int(starts[-1])
 
@@ -174,34 +220,34 @@ class ShardReader:
                 np.empty((n, *self.shard_set.label_shape), dtype=self.shard_set.y_dtype))
 
     def read(self, segments: Sequence[Segment], order: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """The segments' samples and labels, in `order` if given (sample order[t] of the segments at row t)."""
         x, y = self.buffers(sum(len(s) for s in segments))
-        self.read_into(segments, x, y)
-        if order is not None:
-            x, y = x[order], y[order]
+        self.read_into(segments, x, y, None if order is None else inverse_permutation(order))
         return x, y.astype(self.label_dtype, copy=False)
 
     def read_window(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         return self.read(window.segments, window.order)
 
 
-class BatchBuffers:
-    """Batch arrays reused round-robin, but only once nobody outside holds them.
+class RecycledBuffers:
+    """Window buffers (x, y), reused round-robin, but only once nobody outside holds them.
 
-    Gathering into fresh arrays costs a page fault and a kernel zero-fill per page, as much as the
-    gather itself. A batch the caller still holds (or a view of it, or a tensor made from it) keeps a
-    reference, so it is never overwritten: a fresh array takes its place in the rotation.
+    Fresh arrays cost a page fault and a kernel zero-fill per page, as much as the read itself. Batches are
+    views of a window's buffers: a batch the caller still holds (or a view of it, or a tensor made from it)
+    keeps a reference to its buffer, which is then never overwritten: a fresh one takes its place.
     """
 
-    def __init__(self, count: int, make: Callable[[], np.ndarray]):
+    def __init__(self, count: int, make: Callable[[], tuple[np.ndarray, ...]]):
         self._make = make
-        self._pool = [make() for _ in range(count)]
+        self._pool: list[Optional[tuple[np.ndarray, ...]]] = [None] * count
         self._next = 0
 
-    def take(self) -> np.ndarray:
+    def take(self) -> tuple[np.ndarray, ...]:
         i = self._next
         self._next = (i + 1) % len(self._pool)
-        # references: the pool, the getrefcount argument; anything more is a caller's batch
-        if sys.getrefcount(self._pool[i]) > 2:
+        held = self._pool[i]
+        # references to each array: the pool's tuple and getrefcount's argument; anything more is a caller's
+        if held is None or any(sys.getrefcount(held[j]) > 2 for j in range(len(held))):
             self._pool[i] = self._make()
         return self._pool[i]
 
@@ -211,49 +257,57 @@ def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_siz
                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches of the windows, in order, with the next window read by a thread while these are cut.
 
-    Two window buffers are reused (no fresh pages per window); each batch is gathered from the read
-    buffer through the window's permutation into a recycled batch array (see BatchBuffers), so callers
-    may keep batches. Raw reads (preadv) and NumPy gathers both release the GIL, so reading and
-    gathering overlap on two cores. `first_batch(window)` skips that many batches of a window (resuming mid-window).
+    Each window is read in its shuffled order (`read_into`'s rows): preadv puts every sample straight into
+    its batch row, and the batches are views of the window buffer, so a sample is copied once, from the
+    page cache. Three window buffers rotate (RecycledBuffers: callers may keep batches): the one being cut,
+    the one being read, and the one before, whose last batch the caller may still hold. preadv releases
+    the GIL, so reading overlaps training. `first_batch(window)` skips that many batches of a window (resuming mid-window).
     """
     if not windows:
         return
     capacity = max(w.num_samples for w in windows)
-    free: queue.Queue = queue.Queue()
-    for _ in range(2):
-        free.put(reader.buffers(capacity))
-    ready: queue.Queue = queue.Queue()
+    shard_set = reader.shard_set
+    pool = RecycledBuffers(3, lambda: (reader.allocate((capacity, *shard_set.sample_shape), shard_set.x_dtype),
+                                       np.empty((capacity, *shard_set.label_shape), shard_set.y_dtype)))
+    # Hand-over: the next window is read while this one is cut, and no further, so a buffer is taken
+    # only once the caller has moved past the window before (it may still hold that window's last batch).
+    ready: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def read_ahead() -> None:
         try:
             for window in windows:
-                buffers = free.get()
                 if stop.is_set():
                     return
-                reader.read_into(window.segments, *buffers)
-                ready.put((window, buffers))
+                x, y = pool.take()
+                reader.read_into(window.segments, x, y, inverse_permutation(window.order))
+                ready.put((window, (x, y)))
+                del x, y
+                ready.join()  # until the consumer has taken it
         except BaseException as exc:  # re-raised in the consuming thread
             ready.put((None, exc))
 
     thread = threading.Thread(target=read_ahead, name="shard-read-ahead", daemon=True)
     thread.start()
-    x_batches = BatchBuffers(3, lambda: reader.allocate((batch_size, *reader.shard_set.sample_shape),
-                                                        reader.shard_set.x_dtype))
     try:
         for _ in windows:
             window, buffers = ready.get()
+            ready.task_done()
             if window is None:
                 raise buffers
             x, y = buffers
-            labels = y[window.order].astype(reader.label_dtype)  # the whole window's labels in one gather
-            for i in range(first_batch(window), window.num_samples // batch_size):
-                idx = window.order[i * batch_size:(i + 1) * batch_size]
-                # mode="clip": with mode="raise" NumPy gathers into a temporary first, then copies to out
-                yield (np.take(x, idx, axis=0, out=x_batches.take(), mode="clip"),
-                       labels[i * batch_size:(i + 1) * batch_size])
-            free.put(buffers)
+            del buffers
+            n = window.num_samples
+            labels = y[:n] if y.dtype == reader.label_dtype else y[:n].astype(reader.label_dtype)
+            for i in range(first_batch(window), n // batch_size):
+                yield x[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size]
+            del x, y, labels
     finally:
         stop.set()
-        free.put(None)  # unblock the reader if it waits for a buffer
-        thread.join()
+        while thread.is_alive():  # unblock a reader waiting to hand over a window
+            try:
+                ready.get_nowait()
+                ready.task_done()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from hvdtrain.shards.plan import Window
-from hvdtrain.shards.reader import ShardReader
+from hvdtrain.shards.reader import ShardReader, inverse_permutation
 
 
 class WindowDataset(TorchDataset):
@@ -20,24 +20,20 @@ class WindowDataset(TorchDataset):
 
     def __init__(self, reader: ShardReader, windows: list[Window]):
         self.reader, self.windows = reader, windows
-        self._buffers = None
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, i: int):
         window = self.windows[i]
-        if self._buffers is None or len(self._buffers[1]) < window.num_samples:
-            # one read buffer per worker, reused: fresh pages for every window cost more than the read
-            self._buffers = self.reader.buffers(max(w.num_samples for w in self.windows))
-        raw_x, raw_y = self._buffers
-        n = self.reader.read_into(window.segments, raw_x, raw_y)
-        order = torch.from_numpy(window.order)
-        # Gather straight into shared memory: the tensor then crosses to the trainer without a copy.
-        x = torch.empty((n, *raw_x.shape[1:]), dtype=torch.from_numpy(raw_x[:0]).dtype).share_memory_()
-        torch.index_select(torch.from_numpy(raw_x[:n]), 0, order, out=x)
-        y = torch.from_numpy(raw_y[:n].astype(self.reader.label_dtype))[order]
-        return x, y
+        n, shard_set = window.num_samples, self.reader.shard_set
+        # Read straight into shared memory in the window's shuffled order: the tensor then crosses to the
+        # trainer without a copy, and the samples are copied once, from the page cache.
+        x = torch.from_numpy(np.empty((0,), shard_set.x_dtype)).new_empty((n, *shard_set.sample_shape))
+        x.share_memory_()
+        y = np.empty((n, *shard_set.label_shape), shard_set.y_dtype)
+        self.reader.read_into(window.segments, x.numpy(), y, inverse_permutation(window.order))
+        return x, torch.from_numpy(y.astype(self.reader.label_dtype, copy=False))
 
 
 def pinned_empty(shape, dtype) -> np.ndarray:
