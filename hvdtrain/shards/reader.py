@@ -215,8 +215,9 @@ class ShardReader:
                                f"{path}: samples {segment.start}..{segment.stop}")
         return int(starts[-1])
 
-    def buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return (np.empty((n, *self.shard_set.sample_shape), dtype=self.shard_set.x_dtype),
+    def buffers(self, n: int, allocate: Callable = np.empty) -> tuple[np.ndarray, np.ndarray]:
+        """Arrays for n samples and labels; `allocate` makes the samples' (the batch allocator: `self.allocate`)."""
+        return (allocate((n, *self.shard_set.sample_shape), self.shard_set.x_dtype),
                 np.empty((n, *self.shard_set.label_shape), dtype=self.shard_set.y_dtype))
 
     def read(self, segments: Sequence[Segment], order: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -266,9 +267,7 @@ def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_siz
     if not windows:
         return
     capacity = max(w.num_samples for w in windows)
-    shard_set = reader.shard_set
-    pool = RecycledBuffers(3, lambda: (reader.allocate((capacity, *shard_set.sample_shape), shard_set.x_dtype),
-                                       np.empty((capacity, *shard_set.label_shape), shard_set.y_dtype)))
+    pool = RecycledBuffers(3, lambda: reader.buffers(capacity, reader.allocate))
     # Hand-over: the next window is read while this one is cut, and no further, so a buffer is taken
     # only once the caller has moved past the window before (it may still hold that window's last batch).
     ready: queue.Queue = queue.Queue(maxsize=1)
