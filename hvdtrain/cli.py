@@ -175,6 +175,14 @@ def _numbers(kind: type, example: str):
 _ints, _floats, _shape = _numbers(int, "1,2,4"), _numbers(float, "0.25,1,64"), _numbers(int, "3,64,64")
 
 
+def _mca_parameter(text: str) -> str:
+    """argparse type for an Open MPI parameter, NAME=VALUE."""
+    name, _, value = text.partition("=")
+    if not name or not value or not name.replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE like coll_tuned_allreduce_algorithm=3, got {text!r}")
+    return text
+
+
 def _names(what: str, allowed: Callable[[], Sequence[str]]):
     """argparse type for a comma-separated subset of `allowed()` (imported only when the option is used)."""
     def parse(text: str) -> list[str]:
@@ -322,6 +330,12 @@ def parser() -> argparse.ArgumentParser:
     ring.add_argument("--sizes", type=_floats, default=list(DEFAULT_SIZES_MB), help="message sizes in MiB")
     ring.add_argument("--links", type=lambda t: t.split(","), default=["loopback"],
                       help="loopback and/or tc-capped namespace links such as 1gbit,10gbit (needs root)")
+    ring.add_argument("--gap-ms", type=float, default=0.0,
+                      help="idle milliseconds before each call, as a training step's compute leaves")
+    ring.add_argument("--repeats", type=int, default=0, help="calls timed per size (default: by size, 5 to 200)")
+    ring.add_argument("--mca", action="append", default=[], metavar="NAME=VALUE", type=_mca_parameter,
+                      help="an Open MPI parameter for the MPI-launched ranks (repeatable), e.g. "
+                           "coll_tuned_allreduce_algorithm=3")
     ring.add_argument("--out", default="benchmarks/results")
     ring.add_argument("--timeout", type=float, default=600)
     ring.set_defaults(handler=_bench_allreduce)

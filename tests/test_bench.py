@@ -7,6 +7,20 @@ import pytest
 from conftest import hvdtrain
 
 
+def test_allreduce_gap_and_open_mpi_parameters_reach_the_ranks(tmp_path):
+    out = tmp_path / "tail"
+    hvdtrain("bench", "allreduce", "--np", "2", "--impls", "mpi4py,horovod-mpi", "--sizes", "0.01", "--gap-ms", "2",
+             "--repeats", "7", "--mca", "coll_tuned_use_dynamic_rules=1", "--mca", "coll_tuned_allreduce_algorithm=3",
+             "--out", str(out), timeout=300)
+    for impl in ("mpi4py", "horovod-mpi"):
+        result = json.loads((out / "raw" / f"allreduce-{impl}-np2.json").read_text())
+        assert result["ompi_mca"]["OMPI_MCA_coll_tuned_allreduce_algorithm"] == "3", impl
+        assert result["ompi_mca"]["OMPI_MCA_coll_tuned_use_dynamic_rules"] == "1", impl
+        assert result["gap_ms"] == 2
+        row = result["rows"][0]
+        assert 0 < row["seconds"] <= row["max_seconds"] and row["seconds"] * 0.5 < row["mean_seconds"] <= row["max_seconds"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the 1gbit link needs root to create network namespaces and tc caps")
 def test_scaling_allreduce_and_report(tmp_path):
     out = tmp_path / "results"

@@ -26,20 +26,24 @@ IMPLEMENTATIONS = ("horovod-mpi", "horovod-gloo", "mpi4py", "torch-gloo")
 DEFAULT_SIZES_MB = (0.004, 0.064, 0.25, 1, 4, 16, 64, 100)
 
 
-def _time(op: Callable[[], None], nbytes: int, barrier: Callable[[], None]) -> tuple[float, float]:
-    """Median and mean seconds of `op`, after warm-up; more repetitions for small messages. Both: over a
-    capped link a few slow calls (Open MPI's ring) leave the median alone and raise the mean, which is
-    what a training step pays."""
+def _time(op: Callable[[], None], nbytes: int, barrier: Callable[[], None], gap_s: float = 0.0,
+          repeats: int = 0) -> tuple[float, float, float]:
+    """Median, mean and max seconds of `op`, after warm-up; more repetitions for small messages unless
+    `repeats` is given. Median and mean: over a capped link a few slow calls (Open MPI's ring) leave the
+    median alone and raise the mean, which is what a training step pays. gap_s: idle time before each
+    call, as a training step's compute leaves between its allreduces."""
     for _ in range(3):
         op()
-    repeats = max(5, min(200, int(2e8 / max(nbytes, 1))))
+    repeats = repeats or max(5, min(200, int(2e8 / max(nbytes, 1))))
     samples = []
     for _ in range(repeats):
+        if gap_s:
+            time.sleep(gap_s)
         barrier()
         started = time.perf_counter()
         op()
         samples.append(time.perf_counter() - started)
-    return statistics.median(samples), statistics.mean(samples)
+    return statistics.median(samples), statistics.mean(samples), max(samples)
 
 
 def _result_name(impl: str, ranks: int, link: str) -> str:
@@ -82,17 +86,21 @@ def worker(args: argparse.Namespace) -> None:
             op = lambda: comm.Allreduce(array, out, op=MPI.SUM)  # noqa: E731
         else:
             op = lambda: torch.distributed.all_reduce(tensor)  # noqa: E731
-        seconds, mean = _time(op, nbytes, barrier)
+        seconds, mean, slowest = _time(op, nbytes, barrier, args.gap_ms / 1e3, args.repeats)
         source, target = np.ones(count, np.float32), np.empty(count, np.float32)
-        memcpy, _ = _time(lambda: np.copyto(target, source), nbytes, lambda: None)
+        memcpy, _, _ = _time(lambda: np.copyto(target, source), nbytes, lambda: None)
         bus = nbytes * 2 * (size - 1) / size / 1e9
-        rows.append({"bytes": nbytes, "seconds": seconds, "mean_seconds": mean, "memcpy_seconds": memcpy,
+        rows.append({"bytes": nbytes, "seconds": seconds, "mean_seconds": mean, "max_seconds": slowest,
+                     "memcpy_seconds": memcpy,
                      "bus_gb_s": bus / seconds if size > 1 else None, "mean_bus_gb_s": bus / mean if size > 1 else None,
                      "alg_gb_s": nbytes / seconds / 1e9, "memcpy_gb_s": nbytes / memcpy / 1e9})
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / _result_name(impl, size, args.link)).write_text(
-            json.dumps({"impl": impl, "ranks": size, "link": args.link, "rows": rows}, indent=2))
+            json.dumps({"impl": impl, "ranks": size, "link": args.link, "gap_ms": args.gap_ms, "rows": rows,
+                        # what Open MPI was told, as rank 0 saw it (hvdtrain's own settings included)
+                        "ompi_mca": {k: v for k, v in sorted(os.environ.items()) if k.startswith("OMPI_MCA_")}},
+                       indent=2))
     if impl == "torch-gloo":
         end_torch_distributed()
 
@@ -111,15 +119,16 @@ def _command(impl: str, np: int, module: list[str]) -> list[str]:
 CAPPED_IMPLS = ("horovod-mpi", "mpi4py")  # launched by mpirun, so they can run in the namespace hosts
 
 
-def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list[dict]:
+def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict, mca: dict) -> list[dict]:
     results = []
     impls = args.impls if link == "loopback" else [i for i in args.impls if i in CAPPED_IMPLS]
     for impl in impls:
         module = [sys.executable, "-m", "hvdtrain.bench.allreduce", "--impl", impl, "--out", str(out),
-                  "--link", link, "--sizes", *map(str, args.sizes)]
+                  "--link", link, "--gap-ms", str(args.gap_ms), "--repeats", str(args.repeats),
+                  "--sizes", *map(str, args.sizes)]
         print(f"allreduce: {impl} np={args.np} over {link} ...", flush=True)
         command = _command(impl, args.np, module) if link == "loopback" else [
-            *links.mpirun_in_namespaces(args.np), *module]
+            *links.mpirun_in_namespaces(args.np, tuple(sorted(mca))), *module]
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} over {link} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -129,11 +138,13 @@ def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list
 
 def sweep(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out) / "raw"
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    # --mca name=value: Open MPI parameters for every MPI-launched rank, as OMPI_MCA_name environment variables
+    mca = {f"OMPI_MCA_{name}": value for name, value in (item.split("=", 1) for item in args.mca)}
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **mca)
     every, targets = [], Targets()
     for link in args.links:
         with links.network(link):
-            results = _run_link(link, args, out, env)
+            results = _run_link(link, args, out, env, mca)
         every += results
         print(f"{link}: {'MB':>8s} " + " ".join(f"{r['impl']:>13s}" for r in results) + "   memcpy   (bus GB/s)")
         for i, megabytes in enumerate(args.sizes):
@@ -143,6 +154,9 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         if results[0]["rows"][-1]["mean_bus_gb_s"]:
             print(f"{link}: {args.sizes[-1]:g} MB, bus GB/s median / mean: " + ", ".join(
                 f"{r['impl']} {r['rows'][-1]['bus_gb_s']:.3f} / {r['rows'][-1]['mean_bus_gb_s']:.3f}" for r in results))
+            print(f"{link}: {args.sizes[-1]:g} MB, ms per call median / mean / max: " + ", ".join(
+                f"{r['impl']} {1e3 * r['rows'][-1]['seconds']:.1f} / {1e3 * r['rows'][-1]['mean_seconds']:.1f} / "
+                f"{1e3 * r['rows'][-1]['max_seconds']:.1f}" for r in results))
         if by.get("mpi4py"):
             for impl in ("horovod-mpi", "horovod-gloo"):
                 if by.get(impl):
@@ -159,4 +173,6 @@ if __name__ == "__main__":  # the worker entry point the launchers start
     parser.add_argument("--out", required=True)
     parser.add_argument("--link", default="loopback")
     parser.add_argument("--sizes", type=float, nargs="+", default=list(DEFAULT_SIZES_MB))
+    parser.add_argument("--gap-ms", type=float, default=0.0)
+    parser.add_argument("--repeats", type=int, default=0)
     worker(parser.parse_args())
