@@ -119,7 +119,7 @@ def _command(impl: str, np: int, module: list[str]) -> list[str]:
 CAPPED_IMPLS = ("horovod-mpi", "mpi4py")  # launched by mpirun, so they can run in the namespace hosts
 
 
-def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict, mca: dict) -> list[dict]:
+def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list[dict]:
     results = []
     impls = args.impls if link == "loopback" else [i for i in args.impls if i in CAPPED_IMPLS]
     for impl in impls:
@@ -128,7 +128,7 @@ def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict, mca: di
                   "--sizes", *map(str, args.sizes)]
         print(f"allreduce: {impl} np={args.np} over {link} ...", flush=True)
         command = _command(impl, args.np, module) if link == "loopback" else [
-            *links.mpirun_in_namespaces(args.np, tuple(sorted(mca))), *module]
+            *links.mpirun_in_namespaces(args.np, env=env), *module]
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} over {link} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -144,7 +144,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     every, targets = [], Targets()
     for link in args.links:
         with links.network(link):
-            results = _run_link(link, args, out, env, mca)
+            results = _run_link(link, args, out, env)
         every += results
         print(f"{link}: {'MB':>8s} " + " ".join(f"{r['impl']:>13s}" for r in results) + "   memcpy   (bus GB/s)")
         for i, megabytes in enumerate(args.sizes):

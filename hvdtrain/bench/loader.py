@@ -2,10 +2,10 @@
 
 The limit is the fastest way to get the same bytes off the same files: each file requested whole
 (posix_fadvise WILLNEED) and read front to back with os.readv into one reused 4 MiB buffer (what `dd bs=4M`
-does), no HDF5, no shuffling, no batches. Both
-page-cache states are measured: cold (every file of the set evicted with posix_fadvise(DONTNEED) before
-each loader's pass: no root or drop_caches needed, and `fincore` confirms nothing stayed resident) and
-warm (after a full read; compared with memory bandwidth, one memcpy, too). Ratios come from the same run.
+does), no HDF5, no shuffling, no batches. Both page-cache states are measured: cold (every file of the
+set evicted with posix_fadvise(DONTNEED) before each loader's pass: no root or drop_caches needed, and
+`fincore` confirms nothing stayed resident) and warm (after a full read; compared with memory bandwidth,
+one memcpy, too). Ratios come from the same run.
 """
 from __future__ import annotations
 
