@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from hvdtrain.exchange import ErrorFeedback
+from hvdtrain.exchange.feedback import MomentumCorrection, accumulate
 from hvdtrain.topk import TopK
 from conftest import REPO, hvdtrain
 
@@ -51,6 +52,27 @@ def test_error_feedback_loses_nothing(residual, grad, k):
     sent[indices] = values
     assert np.array_equal(sent + feedback.residual, incoming)  # what is sent plus what stays = what came in
     assert np.all(feedback.residual[indices] == 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(grad=arrays(np.float32, 300, elements=finite), velocity=arrays(np.float32, 300, elements=finite),
+       residual=arrays(np.float32, 300, elements=finite), momentum=st.sampled_from([0.0, 0.9, 0.99]))
+def test_fused_accumulate_is_bit_identical_to_momentum_then_error_feedback(grad, velocity, residual, momentum):
+    """The sparse methods' one compiled pass against the NumPy steps it replaces, with and without momentum."""
+    part = slice(50, 250)
+    expected_feedback, expected_momentum = ErrorFeedback(300), MomentumCorrection(momentum, 300, 300)
+    feedback, fused_momentum = ErrorFeedback(300), MomentumCorrection(momentum, 300, 300)
+    for f, m in ((expected_feedback, expected_momentum), (feedback, fused_momentum)):
+        f.residual[:] = residual
+        if momentum:
+            m.velocity[:] = velocity
+    expected = expected_feedback.add(part, expected_momentum.accelerate(grad.copy(), part)).copy()
+    buffer = grad.copy()
+    got = accumulate(feedback, fused_momentum, buffer, part)
+    assert np.array_equal(got, expected, equal_nan=True) and feedback.pending
+    assert np.array_equal(feedback.residual, expected_feedback.residual, equal_nan=True)
+    assert np.array_equal(fused_momentum.velocity, expected_momentum.velocity, equal_nan=True)
+    assert not buffer[part].any() and np.array_equal(buffer[:50], grad[:50]) and np.array_equal(buffer[250:], grad[250:])
 
 
 def test_topk_sample_is_a_function_of_seed_and_key():

@@ -23,7 +23,7 @@ import numpy as np
 
 from hvdtrain.config import CompressionConfig
 from hvdtrain.exchange.collectives import Collectives
-from hvdtrain.exchange.feedback import ErrorFeedback, MomentumCorrection
+from hvdtrain.exchange.feedback import ErrorFeedback, MomentumCorrection, accumulate
 from hvdtrain.topk import TopK, scatter_mean
 
 
@@ -85,7 +85,7 @@ class AllgatherTopK:
                 dense.append((offset, buffer[part]))
                 continue
             started = time.perf_counter()
-            residual = self.feedback.add(part, self.momentum.accelerate(buffer, part))
+            residual = accumulate(self.feedback, self.momentum, buffer, part)
             v, i = self.select(residual, entries_sent(self.cfg, step, count), rank, step, offset)
             i += offset
             self.feedback.sent(i)
@@ -103,10 +103,7 @@ class AllgatherTopK:
         gathered = [comm.wait(handle) for handle in gathers]
         _wait(comm, handles)
         self.comm_seconds = time.perf_counter() - started
-        for (o, n), active in zip(self.large, self.active):
-            if active:
-                buffer[o:o + n] = 0
-        if gathered:
+        if gathered:  # the active tensors' entries are zero (accumulate)
             all_values, all_indices = gathered
             scatter_mean(buffer, all_indices, all_values, np.float32(ranks), self.touched)
         for offset, region in dense:
@@ -126,7 +123,7 @@ class SharedTopK:
 
     def exchange(self, buffer: np.ndarray, step: int) -> int:
         comm, split, rank = self.comm, self.split, self.comm.rank
-        residual = self.feedback.add(slice(0, split), self.momentum.accelerate(buffer, slice(0, split)))
+        residual = accumulate(self.feedback, self.momentum, buffer, slice(0, split))
         leader = step % comm.size  # ScaleCom-style cyclic leader
         # A fixed-size index message (-1 pads it) spares broadcasting its length first: selection lands
         # within 10% above k, so every rank knows the size.
@@ -144,9 +141,7 @@ class SharedTopK:
         self.feedback.sent(indices)
         self.momentum.mask(indices)
         self.momentum.accelerate(buffer, slice(split, buffer.size))
-        head = buffer[:split]
-        head[:] = 0
-        head[indices] = values
+        buffer[indices] = values  # the rest of the head is zero (accumulate)
         return values.nbytes + (picked.nbytes if rank == leader else 0) + buffer[split:].nbytes
 
 
