@@ -21,7 +21,7 @@ MASK64 = (1 << 64) - 1
 
 
 def sample_seed(*key: int) -> int:
-    """A well-mixed seed for `_sample_abs` from a few integers (SplitMix64 over each in turn)."""
+    """A well-mixed seed for `_sample_positions` from a few integers (SplitMix64 over each in turn)."""
     state = 0x9E3779B97F4A7C15
     for part in key:
         state = (state ^ (part & MASK64)) + 0x9E3779B97F4A7C15 & MASK64
@@ -32,10 +32,9 @@ def sample_seed(*key: int) -> int:
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _sample_abs(x, count, seed):
-    """|x| at one random position per stride (random, so periodic layouts cannot bias it)."""
-    n = x.shape[0]
-    out = np.empty(count, np.float32)
+def _sample_positions(n, count, seed):
+    """One random position per stride of an n-entry tensor (random, so periodic layouts cannot bias it)."""
+    out = np.empty(count, np.int64)
     state = np.uint64(seed) | np.uint64(1)
     for i in range(count):
         lo = i * n // count
@@ -43,7 +42,7 @@ def _sample_abs(x, count, seed):
         state ^= state << np.uint64(13)
         state ^= state >> np.uint64(7)
         state ^= state << np.uint64(17)
-        out[i] = abs(x[lo + np.int64(state % np.uint64(width))])
+        out[i] = lo + np.int64((state >> np.uint64(32)) * np.uint64(width) >> np.uint64(32))  # no division
     return out
 
 
@@ -93,9 +92,12 @@ class TopK:
         self.seed = seed
         self.buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per tensor length
 
-    def __call__(self, x: np.ndarray, k: int, *key: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, x: np.ndarray, k: int, *key: int, accumulation=None) -> tuple[np.ndarray, np.ndarray]:
         """(values, int64 indices) of about the k largest |x| (within 10% of k; fewer if x has fewer non-zeros).
-        The same (seed, key) and x always give the same selection."""
+        The same (seed, key) and x always give the same selection.
+        `accumulation` (hvdtrain.exchange.feedback.Accumulation): what error feedback still has to add to x,
+        x being its residual. The threshold is estimated from a sample of x as it will be, and the
+        accumulation runs as the selection's first pass: the result is the same as running it first."""
         n = x.shape[0]
         k = max(1, min(k, n))
         capacity = 2 * k + 64
@@ -103,9 +105,19 @@ class TopK:
             self.buffers[n] = (np.empty(capacity, np.int64), np.empty(capacity, np.float32))
         indices, values = self.buffers[n]
         sample_size = min(SAMPLE_MAX, max(SAMPLE_MIN, n // 250))
-        sample = np.abs(x) if n <= 4 * sample_size else _sample_abs(x, sample_size, sample_seed(self.seed, *key))
+        if n <= 4 * sample_size:  # small: the whole tensor is the sample
+            if accumulation is not None:
+                accumulation.run()
+                accumulation = None
+            sample = np.abs(x)
+        else:
+            positions = _sample_positions(n, sample_size, sample_seed(self.seed, *key))
+            sample = np.abs(x[positions] if accumulation is None else accumulation.peek(positions))
         threshold = _threshold(sample, k, n)
-        count = _select(x, threshold, indices, values)
+        if accumulation is None:
+            count = _select(x, threshold, indices, values)
+        else:
+            count = accumulation.run(threshold, indices, values)
         for attempt in range(1, 5):  # bounded correction
             if count > capacity:
                 threshold = max(np.nextafter(threshold, np.float32(np.inf)), _threshold(sample, k, n, 0.7 ** attempt))

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from hvdtrain.exchange import ErrorFeedback
-from hvdtrain.exchange.feedback import MomentumCorrection, accumulate
+from hvdtrain.exchange.feedback import Accumulation, MomentumCorrection, accumulate
 from hvdtrain.topk import TopK
 from conftest import REPO, hvdtrain
 
@@ -73,6 +73,38 @@ def test_fused_accumulate_is_bit_identical_to_momentum_then_error_feedback(grad,
     assert np.array_equal(feedback.residual, expected_feedback.residual, equal_nan=True)
     assert np.array_equal(fused_momentum.velocity, expected_momentum.velocity, equal_nan=True)
     assert not buffer[part].any() and np.array_equal(buffer[:50], grad[:50]) and np.array_equal(buffer[250:], grad[250:])
+
+
+@pytest.mark.parametrize("size", [3_000, 400_000, 1_500_000])  # whole-tensor sample; sampled; sampled, larger
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("values", ["normal", "ties", "sparse"])  # ties and sparse force the corrections
+def test_selection_running_the_accumulation_equals_accumulating_first(size, momentum, values):
+    """topk's single pass (accumulate while selecting) against the two passes: the same selection, residual,
+    velocity and zeroed gradient, bit for bit."""
+    rng = np.random.default_rng(size)
+    grad, velocity, residual = (rng.standard_normal(size + 100).astype(np.float32) for _ in range(3))
+    if values == "ties":  # a few distinct magnitudes: no threshold lands near k
+        grad, residual = np.round(grad), np.round(residual)
+        velocity[:] = 0
+    elif values == "sparse":  # mostly zero: the first threshold finds too few
+        grad[rng.random(grad.size) < 0.995] = 0
+        residual[:], velocity[:] = 0, 0
+    part = slice(60, 60 + size)
+    results = []
+    for fused in (False, True):
+        feedback, velocities, buffer = ErrorFeedback(size + 100), MomentumCorrection(momentum, size + 100, size + 100), grad.copy()
+        feedback.residual[:] = residual
+        if momentum:
+            velocities.velocity[:] = velocity
+        if fused:
+            got = TopK(seed=4)(feedback.residual[part], size // 100, 1, 2, 3,
+                               accumulation=Accumulation(feedback, velocities, buffer, part))
+        else:
+            got = TopK(seed=4)(accumulate(feedback, velocities, buffer, part), size // 100, 1, 2, 3)
+        results.append((*got, feedback.residual, velocities.velocity, buffer, feedback.pending))
+    for expected, got in zip(*results):
+        assert np.array_equal(expected, got)
+    assert 0 < len(results[1][0]) <= 1.1 * (size // 100) + 1
 
 
 def test_topk_sample_is_a_function_of_seed_and_key():

@@ -72,26 +72,69 @@ class MomentumCorrection:
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _accumulate(gradient, velocity, residual, momentum):
-    """u <- mu u + g (skipped without momentum: velocity empty), m <- m + u, g <- 0, entry by entry.
+def _accumulate(gradient, velocity, residual, momentum, threshold, indices, values):
+    """u <- mu u + g (skipped without momentum: velocity empty), m <- m + u, g <- 0, entry by entry, and, in
+    the same pass, the entries whose new |m| >= threshold into indices/values as topk's selection does
+    (an infinite threshold selects nothing finite). Returns how many there are (may exceed capacity).
     float32 throughout, rounded as NumPy's `velocity *= mu; velocity += g; m += velocity` is."""
+    count = 0
+    capacity = indices.shape[0]
     if velocity.shape[0]:
         for i in range(gradient.shape[0]):
             u = velocity[i] * momentum + gradient[i]
             velocity[i] = u
-            residual[i] += u
+            m = residual[i] + u
+            residual[i] = m
             gradient[i] = 0
+            if abs(m) >= threshold:
+                if count < capacity:
+                    indices[count] = i
+                    values[count] = m
+                count += 1
     else:
         for i in range(gradient.shape[0]):
-            residual[i] += gradient[i]
+            m = residual[i] + gradient[i]
+            residual[i] = m
             gradient[i] = 0
+            if abs(m) >= threshold:
+                if count < capacity:
+                    indices[count] = i
+                    values[count] = m
+                count += 1
+    return count
+
+
+_NOTHING = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+class Accumulation:
+    """One tensor's `accumulate`, prepared but not yet run, so that top-k's selection can run it in its own
+    pass over the tensor (hvdtrain.topk.TopK's `accumulation`): one pass over memory instead of two."""
+
+    def __init__(self, feedback: ErrorFeedback, momentum: MomentumCorrection, buffer: np.ndarray, part: slice):
+        self.feedback = feedback
+        self.gradient, self.residual = buffer[part], feedback.residual[part]
+        self.velocity = momentum.velocity[part] if momentum.momentum else momentum.velocity
+        self.momentum = np.float32(momentum.momentum)
+
+    def peek(self, positions: np.ndarray) -> np.ndarray:
+        """The residual the pass will leave, at `positions` only; changes nothing. Rounded as the pass rounds."""
+        incoming = self.gradient[positions]
+        if self.velocity.size:
+            incoming = self.velocity[positions] * self.momentum + incoming
+        return self.residual[positions] + incoming
+
+    def run(self, threshold: float = np.inf, indices: np.ndarray = _NOTHING[0], values: np.ndarray = _NOTHING[1]) -> int:
+        """The pass (see _accumulate), selecting |new residual| >= threshold; returns the count."""
+        self.feedback.pending = True
+        return _accumulate(self.gradient, self.velocity, self.residual, self.momentum, np.float32(threshold),
+                           indices, values)
 
 
 def accumulate(feedback: ErrorFeedback, momentum: MomentumCorrection, buffer: np.ndarray, part: slice) -> np.ndarray:
     """`feedback.add(part, momentum.accelerate(buffer, part))` in one compiled pass instead of five over the
     tensor, leaving buffer[part] zero (the sparse methods overwrite it with the average). Returns the
     residual there, which the selection reads."""
-    velocity = momentum.velocity[part] if momentum.momentum else momentum.velocity
-    _accumulate(buffer[part], velocity, feedback.residual[part], np.float32(momentum.momentum))
-    feedback.pending = True
-    return feedback.residual[part]
+    accumulation = Accumulation(feedback, momentum, buffer, part)
+    accumulation.run()
+    return accumulation.residual

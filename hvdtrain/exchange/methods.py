@@ -23,7 +23,7 @@ import numpy as np
 
 from hvdtrain.config import CompressionConfig
 from hvdtrain.exchange.collectives import Collectives
-from hvdtrain.exchange.feedback import ErrorFeedback, MomentumCorrection, accumulate
+from hvdtrain.exchange.feedback import Accumulation, ErrorFeedback, MomentumCorrection, accumulate
 from hvdtrain.topk import TopK, scatter_mean
 
 
@@ -85,8 +85,9 @@ class AllgatherTopK:
                 dense.append((offset, buffer[part]))
                 continue
             started = time.perf_counter()
-            residual = accumulate(self.feedback, self.momentum, buffer, part)
-            v, i = self.select(residual, entries_sent(self.cfg, step, count), rank, step, offset)
+            # error feedback's accumulation runs as the selection's pass over the tensor
+            v, i = self.select(self.feedback.residual[part], entries_sent(self.cfg, step, count), rank, step, offset,
+                               accumulation=Accumulation(self.feedback, self.momentum, buffer, part))
             i += offset
             self.feedback.sent(i)
             self.momentum.mask(i)
@@ -123,16 +124,20 @@ class SharedTopK:
 
     def exchange(self, buffer: np.ndarray, step: int) -> int:
         comm, split, rank = self.comm, self.split, self.comm.rank
-        residual = accumulate(self.feedback, self.momentum, buffer, slice(0, split))
+        residual = self.feedback.residual[:split]
         leader = step % comm.size  # ScaleCom-style cyclic leader
         # A fixed-size index message (-1 pads it) spares broadcasting its length first: selection lands
         # within 10% above k, so every rank knows the size.
         ks = [entries_sent(self.cfg, step, count) for _, count in self.large]
         picked = np.full(sum(int(1.1 * k) + 1 for k in ks), -1, np.int32)
-        if rank == leader:
-            chosen = np.concatenate([self.select(residual[o:o + n], k, rank, step, o)[1] + o
-                                     for (o, n), k in zip(self.large, ks)])
+        if rank == leader:  # the large tensors tile the head; each one's accumulation runs in its selection
+            chosen = np.concatenate([
+                self.select(residual[o:o + n], k, rank, step, o,
+                            accumulation=Accumulation(self.feedback, self.momentum, buffer, slice(o, o + n)))[1] + o
+                for (o, n), k in zip(self.large, ks)])
             picked[:len(chosen)] = chosen
+        else:
+            accumulate(self.feedback, self.momentum, buffer, slice(0, split))
         indices = comm.broadcast(picked, leader, "shared_topk.indices")
         indices = indices[indices >= 0]
         values = residual[indices]
