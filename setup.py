@@ -23,6 +23,7 @@ setup(
         "ai-edge-litert",
         "numba",
         "scipy",
+        "threadpoolctl",
         "tensorboard",
     ],
     extras_require={

@@ -519,6 +519,7 @@ class Trainer:
             "stopped_by": self.stopped_by, "world_size": world.size, "elastic": self.schedule.elastic,
             "resets": self.schedule.resets, "hosts": self.hosts, "devices": self.devices,
             "precision": self.cfg.train.precision, "threads_per_rank": self.threads,
+            "blas_threads": runtime.numpy_threads(),
             "steps": progress.step, "total_steps": self.schedule.total_steps,
             "global_batch": self.cfg.train.batch_size * world.size, "resumed_from": start.resumed_from,
             "final": self.record, "wall_seconds": time.perf_counter() - started,

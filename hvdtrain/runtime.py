@@ -69,6 +69,22 @@ def threads_per_rank(local_size: int) -> int:
     return max(1, total // max(1, local_size))
 
 
+def limit_numpy_threads(threads: int) -> None:
+    """NumPy's BLAS (PowerSGD's matrix products, in hvdtrain.exchange) to this rank's share of the cores.
+    OpenBLAS starts one spinning thread per core it can see, so without this two ranks on a 2-core node
+    run four BLAS threads beside the frameworks' own and Horovod's."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
+
+
+def numpy_threads() -> int:
+    """The most threads NumPy's BLAS will use now (for the run's summary)."""
+    from threadpoolctl import threadpool_info
+
+    return max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=1)
+
+
 def device_for_rank(requested: str, gpus: int, local_rank: int, local_size: int) -> str:
     """`cpu` or `cuda:N`: one GPU per local rank. `gpus` is how many this process sees; where the launcher
     gave each rank its own (Slurm's --gpus-per-task, CUDA_VISIBLE_DEVICES per rank) that is one, GPU 0."""

@@ -37,6 +37,9 @@ def test_two_ranks_equal_one_rank_with_double_batch(controller, tmp_path):
     assert summary2["world_size"] == 2 and summary1["world_size"] == 1
     assert summary2["steps"] == summary1["steps"] == 30
     assert summary2["global_batch"] == summary1["global_batch"] == 16
+    # two ranks on this node: NumPy's BLAS (PowerSGD's products) kept to each rank's share of the cores
+    assert summary2["blas_threads"] == summary2["threads_per_rank"]
+    assert summary1["blas_threads"] == summary1["threads_per_rank"]
     assert summary2["weights_identical"], summary2["weights_digests"]
     assert_same_weights(weights2, weights1)
     # Metrics are global: the test set is scored once across the ranks, whatever their number.

@@ -310,6 +310,7 @@ def start_horovod(cfg: Config) -> int:
     hvd.init()
     world.attach(hvd)
     threads = runtime.threads_per_rank(world.local_size)
+    runtime.limit_numpy_threads(threads)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)

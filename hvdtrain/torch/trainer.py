@@ -306,6 +306,7 @@ def start_horovod(cfg: Config) -> int:
     world.attach(hvd)
     threads = runtime.threads_per_rank(world.local_size)
     torch.set_num_threads(threads)
+    runtime.limit_numpy_threads(threads)
     return threads
 
 
