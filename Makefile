@@ -12,7 +12,7 @@ demo: setup
 
 test: setup
 	bash scripts/test-deps.sh
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf runs .pytest_cache
