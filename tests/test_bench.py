@@ -64,3 +64,37 @@ def test_scaling_allreduce_and_report(tmp_path):
     assert "| hvdtrain (Horovod, tuned) | loopback | 2 |" in markdown and "## Scale-out projection over 1gbit" in markdown
     assert "2 ranks over 1gbit: hvdtrain relative to DDP" in markdown
     assert report["machine"]["cores"] >= 1 and "horovod" in report["machine"]["versions"]
+
+
+def test_time_to_accuracy_counts_each_epochs_steps_at_its_own_rate():
+    from hvdtrain.bench.compression import BATCH, RANKS, reaching
+
+    per_step = RANKS * BATCH  # samples
+    epochs = [{"step": 45, "samples_per_s": per_step / 0.1, "test_accuracy": 0.80},   # 45 steps of 0.1 s
+              {"step": 90, "samples_per_s": per_step / 0.02, "test_accuracy": 0.94},  # 45 of 0.02 s
+              {"step": 135, "samples_per_s": per_step / 0.02, "test_accuracy": 0.96}]
+    seconds, steps = reaching(epochs, bar=0.95)
+    assert steps == 135 and seconds == pytest.approx(4.5 + 0.9 + 0.9)
+    assert reaching(epochs, bar=0.99) is None
+    assert reaching(epochs[:1], bar=0.5, ranks=1) == (pytest.approx(45 * 0.1 / 2), 45)
+
+
+def test_compression_bench_against_ddp_on_loopback(tmp_path):
+    out = tmp_path / "compression.json"
+    done = hvdtrain("bench", "compression", "--links", "loopback", "--methods", "fp16", "--baselines", "ddp:none",
+                    "--epochs", "1", "--out", str(out), timeout=900)
+    assert "compute floor:" in done.stdout and "none vs ddp:none" in done.stdout
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["links"]["loopback"]}
+    assert set(rows) == {"none", "fp16", "ddp:none"}
+    for row in rows.values():
+        assert row["step_ms"] > 0 and 0 < row["test_accuracy"] <= 1
+    # the same model's gradient: fp16 hands the collectives half of fp32's bytes, DDP fp32 as many as none
+    assert rows["fp16"]["bytes_per_step"] == pytest.approx(rows["none"]["bytes_per_step"] / 2, rel=0.01)
+    assert rows["ddp:none"]["bytes_per_step"] == pytest.approx(rows["none"]["bytes_per_step"], rel=0.01)
+    assert rows["ddp:none"]["weights_identical"]
+    # one rank alone on one core: a step no exchange can beat
+    assert 0 < result["floor"]["step_ms"]
+    assert [r["elements"] for r in result["selection"]] == [1_000_000, 6_400_000, 25_000_000]
+    assert (tmp_path / "compression-loopback.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {t["target"] for t in result["targets"]} >= {"loopback hvdtrain none step speed / ddp:none"}

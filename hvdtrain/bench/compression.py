@@ -65,25 +65,26 @@ def _epochs(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def time_to_accuracy(epochs: list[dict], bar: float = ACCURACY_BAR) -> float | None:
-    """Training seconds (evaluations excluded) until the test accuracy first reached `bar`: each epoch's
-    steps at its measured rate; None if it never did."""
+def reaching(epochs: list[dict], bar: float = ACCURACY_BAR, ranks: int = RANKS) -> tuple[float, int] | None:
+    """(training seconds, evaluations excluded, and steps) until the test accuracy first reached `bar`:
+    each epoch's steps at its measured rate; None if it never did."""
     seconds, step = 0.0, 0
     for epoch in epochs:
-        seconds += (epoch["step"] - step) * RANKS * BATCH / epoch["samples_per_s"]
+        seconds += (epoch["step"] - step) * ranks * BATCH / epoch["samples_per_s"]
         step = epoch["step"]
         if epoch["test_accuracy"] >= bar:
-            return seconds
+            return seconds, step
     return None
 
 
-def _row(method: str, epochs: list[dict]) -> dict:
-    later = epochs[1:]
+def _row(method: str, epochs: list[dict], ranks: int = RANKS) -> dict:
+    later = epochs[1:] or epochs
     samples_per_s = statistics.median(e["samples_per_s"] for e in later)
-    return {"method": method, "step_ms": 1e3 * RANKS * BATCH / samples_per_s, "samples_per_s": samples_per_s,
+    reached = reaching(epochs, ranks=ranks)
+    return {"method": method, "step_ms": 1e3 * ranks * BATCH / samples_per_s, "samples_per_s": samples_per_s,
             "bytes_per_step": statistics.median(e["bytes_per_step"] for e in later),
             "compression": later[-1]["compression"], "test_accuracy": epochs[-1]["test_accuracy"],
-            "time_to_accuracy": time_to_accuracy(epochs),
+            "time_to_accuracy": reached and reached[0], "steps_to_accuracy": reached and reached[1],
             **{key: later[-1][key] for key in ("auto_tensors", "auto_link_bytes_per_s", "auto_seconds")
                if key in later[-1]}}
 
@@ -114,6 +115,22 @@ def _hvdtrain(prefix: list[str], method: str, scratch: Path, job: list[str]) -> 
     command = [*prefix, str(Path(sys.executable).parent / "hvdtrain"), "train", "--run-dir", str(run_dir),
                f"compression.method={method}", *job]
     return _run(command, method, run_dir)
+
+
+def compute_floor(scratch: Path, job: list[str]) -> dict:
+    """What no exchange can beat: one rank alone on one core (each namespace host's share), the same batch
+    per rank, nothing sent. Its step time bounds every method's; its accuracy is not comparable (half the
+    global batch)."""
+    run_dir = scratch / "floor"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = ["taskset", "-c", "0", str(Path(sys.executable).parent / "hvdtrain"), "train", "--run-dir",
+               str(run_dir), "compression.method=none", *job, "train.epochs=2"]  # 180 steps: epoch 2 is timed
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compute floor: {' '.join(command[:6])} ... failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    row = _row("floor", _epochs(run_dir), ranks=1)
+    return {"step_ms": row["step_ms"], "samples_per_s_per_rank": row["samples_per_s"],
+            "command": " ".join(command[:3] + ["hvdtrain", "train", "compression.method=none", "(the job)"])}
 
 
 def _ddp(link: str, hook: str, scratch: Path, job: list[str]) -> dict:
@@ -157,7 +174,7 @@ def _plot(link: str, rows: list[dict], path: Path) -> str:
     return path.name
 
 
-def _check_link(link: str, rows: list[dict], targets: Targets) -> None:
+def _check_link(link: str, rows: list[dict], targets: Targets, floor: dict | None = None) -> None:
     by = {r["method"]: r for r in rows if "error" not in r}
     base = by["none"]
     for method in ("topk", "shared_topk", "powersgd"):
@@ -189,6 +206,13 @@ def _check_link(link: str, rows: list[dict], targets: Targets) -> None:
         if link == "1gbit":
             line += " " + targets.check("1gbit time to accuracy: DDP's best / hvdtrain's best", ratio, ">=", 3)
         print(line)
+        if floor and by[best].get("steps_to_accuracy"):
+            # the most any exchange could give: the same steps to the bar, each at the compute floor
+            bound = theirs[rival] / (floor["step_ms"] / 1e3 * by[best]["steps_to_accuracy"])
+            by[best]["bound_vs_" + rival] = bound
+            print(f"  {link:8s} at the compute floor ({floor['step_ms']:.1f} ms per step, nothing sent) "
+                  f"{best}'s {by[best]['steps_to_accuracy']} steps to {ACCURACY_BAR} would take "
+                  f"{floor['step_ms'] * by[best]['steps_to_accuracy'] / 1e3:.1f} s: at most {bound:.2f}x sooner than {rival}")
 
 
 def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METHODS,
@@ -204,6 +228,9 @@ def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METH
         print(f"top-1% selection of {row['elements']:,} floats: {row['selection_ms']:.1f} ms = "
               f"{row['memcpy_times']:.2f} memcpy-times {verdict}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
+        print("bench compression: compute floor (one rank, one core, nothing sent) ...", flush=True)
+        results["floor"] = floor = compute_floor(Path(scratch), job)
+        print(f"  compute floor: {floor['step_ms']:.1f} ms per step", flush=True)
         for link in link_names:
             if link == "loopback":
                 prefix = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS)]
@@ -227,7 +254,7 @@ def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METH
                 print(f"  {link:8s} {row['method']:12s} step {row['step_ms']:7.1f} ms  x{row['speedup_vs_none']:.2f} "
                       f"vs none  {row['bytes_per_step'] / 1e6:7.2f} MB/step  ({row['compression']}, "
                       f"accuracy {row['test_accuracy']:.3f}, to {ACCURACY_BAR}: {reach})", flush=True)
-            _check_link(link, rows, targets)
+            _check_link(link, rows, targets, floor)
             results["links"][link] = rows
             if out:
                 results["plots"].append(_plot(link, rows, out.with_name(f"{out.stem}-{link}.png")))

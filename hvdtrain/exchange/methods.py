@@ -168,6 +168,11 @@ def powersgd_pays(rows: int, cols: int, cfg: CompressionConfig) -> bool:
     return rows * cols >= cfg.powersgd_min_rate * (rows + cols) * rank
 
 
+def _rows_per_block(columns: int) -> int:
+    """Rows of a float32 matrix that fill about 256 KiB, so the passes over a block run in the CPU cache."""
+    return max(1, (1 << 18) // (4 * columns))
+
+
 class PowerSGD:
     """powersgd (Vogels et al., NeurIPS 2019), as PyTorch's powerSGD_hook runs it, over Horovod allreduce.
 
@@ -227,9 +232,14 @@ class PowerSGD:
         if not self.cfg.powersgd_warm_start:
             self.q = [self._fresh_q(offset, shape, step) for offset, _, shape in self.factorized]
         for (offset, count, shape), q in zip(self.factorized, self.q):
-            m = self.feedback.add(slice(offset, offset + count), buffer[offset:offset + count]).reshape(shape)
+            m = self.feedback.residual[offset:offset + count].reshape(shape)
+            p = np.empty((shape[0], q.shape[1]), np.float32)
+            rows = _rows_per_block(shape[1])
+            for r in range(0, shape[0], rows):  # M = residual + gradient, then P = M Q, while M's rows are in cache
+                part = slice(offset + r * shape[1], offset + min(r + rows, shape[0]) * shape[1])
+                np.matmul(self.feedback.add(part, buffer[part]).reshape(-1, shape[1]), q, out=p[r:r + rows])
             residuals.append(m)
-            ps.append(m @ q)
+            ps.append(p)
         flat_p = np.concatenate([p.ravel() for p in ps])
         dense = [(self.split, buffer[self.split:])]
         for offset, count in self.dense_large:
@@ -251,8 +261,11 @@ class PowerSGD:
             q = flat_q[start:start + qs[i].size].reshape(qs[i].shape)
             start += q.size
             approximation = buffer[offset:offset + count].reshape(shape)
-            np.matmul(p, q.T, out=approximation)  # the average, written straight into the buffer
-            m -= approximation  # the residual: what this rank's gradient had beyond the shared approximation
+            rows = _rows_per_block(shape[1])
+            for r in range(0, shape[0], rows):
+                block = approximation[r:r + rows]
+                np.matmul(p[r:r + rows], q.T, out=block)  # the average, written straight into the buffer
+                m[r:r + rows] -= block  # the residual: what this rank's gradient had beyond the shared approximation
             self.q[i] = np.ascontiguousarray(q)
         self.comm_seconds = time.perf_counter() - started
         return flat_p.nbytes + flat_q.nbytes + sum(region.nbytes for _, region in dense)
