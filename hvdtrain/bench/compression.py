@@ -149,7 +149,7 @@ def _ddp(link: str, hook: str, scratch: Path, job: list[str]) -> dict:
     return _run(command, f"ddp:{hook}", run_dir, env)
 
 
-def _plot(link: str, rows: list[dict], path: Path) -> str:
+def _plot(link: str, rows: list[dict], path: Path, floor: dict | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,8 +161,12 @@ def _plot(link: str, rows: list[dict], path: Path) -> str:
     fig, (steps, reach) = plt.subplots(1, 2, figsize=(12, 4))
     steps.bar(names, [r["step_ms"] for r in done], color=colors)
     steps.set_ylabel("ms per step")
+    if floor:
+        steps.axhline(floor["step_ms"], color="black", linestyle="--", linewidth=1)
+        steps.annotate("compute floor (nothing sent)", (0, floor["step_ms"]), xytext=(0, 3),
+                       textcoords="offset points", fontsize=8)
     reach.bar(names, [r["time_to_accuracy"] or 0 for r in done], color=colors)
-    reach.set_ylabel(f"seconds to test accuracy {ACCURACY_BAR} (0: not reached)")
+    reach.set_ylabel(f"s to test accuracy {ACCURACY_BAR} (0: not reached)")
     for ax in (steps, reach):
         ax.tick_params(axis="x", rotation=45)
     failed = [f"{r['method']}: {r['error'][:80]}" for r in rows if "error" in r]
@@ -257,7 +261,7 @@ def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METH
             _check_link(link, rows, targets, floor)
             results["links"][link] = rows
             if out:
-                results["plots"].append(_plot(link, rows, out.with_name(f"{out.stem}-{link}.png")))
+                results["plots"].append(_plot(link, rows, out.with_name(f"{out.stem}-{link}.png"), floor))
     results["targets"] = targets.checked
     if out:
         write_json(out, results)
