@@ -89,7 +89,7 @@ def _row(method: str, epochs: list[dict], ranks: int = RANKS) -> dict:
                if key in later[-1]}}
 
 
-def _run(command: list[str], method: str, run_dir: Path, env: dict | None = None) -> dict:
+def _run(command: list[str], method: str, run_dir: Path, env: dict | None = None, ranks: int = RANKS) -> dict:
     """One training job; a baseline that fails or hangs is a row with its error, not the end of the bench."""
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=env)
@@ -104,33 +104,26 @@ def _run(command: list[str], method: str, run_dir: Path, env: dict | None = None
             next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
         return {"method": method, "error": f"exit {proc.returncode}: {reason.strip()[:300]}",
                 "output_tail": (proc.stdout + proc.stderr)[-1500:]}
-    return {**_row(method, _epochs(run_dir)),
+    return {**_row(method, _epochs(run_dir), ranks),
             **({"weights_identical": json.loads((run_dir / "summary.json").read_text())["weights_identical"]}
                if method.startswith("ddp:") else {})}
 
 
-def _hvdtrain(prefix: list[str], method: str, scratch: Path, job: list[str]) -> dict:
+def _hvdtrain(prefix: list[str], method: str, scratch: Path, job: list[str], ranks: int = RANKS) -> dict:
     run_dir = scratch / method
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [*prefix, str(Path(sys.executable).parent / "hvdtrain"), "train", "--run-dir", str(run_dir),
                f"compression.method={method}", *job]
-    return _run(command, method, run_dir)
+    return _run(command, method, run_dir, ranks=ranks)
 
 
 def compute_floor(scratch: Path, job: list[str]) -> dict:
     """What no exchange can beat: one rank alone on one core (each namespace host's share), the same batch
     per rank, nothing sent. Its step time bounds every method's; its accuracy is not comparable (half the
     global batch)."""
-    run_dir = scratch / "floor"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    command = ["taskset", "-c", "0", str(Path(sys.executable).parent / "hvdtrain"), "train", "--run-dir",
-               str(run_dir), "compression.method=none", *job, "train.epochs=2"]  # 180 steps: epoch 2 is timed
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"compute floor: {' '.join(command[:6])} ... failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    row = _row("floor", _epochs(run_dir), ranks=1)
+    row = _hvdtrain(["taskset", "-c", "0"], "none", scratch, [*job, "train.epochs=2"], ranks=1)  # epoch 2 timed
     return {"step_ms": row["step_ms"], "samples_per_s_per_rank": row["samples_per_s"],
-            "command": " ".join(command[:3] + ["hvdtrain", "train", "compression.method=none", "(the job)"])}
+            "command": "taskset -c 0 hvdtrain train compression.method=none (the job, 2 epochs)"}
 
 
 def _ddp(link: str, hook: str, scratch: Path, job: list[str]) -> dict:

@@ -69,43 +69,47 @@ class HorovodCollectives(exchange.WorldCollectives):
         return hvd.allreduce(torch.from_numpy(array), op=hvd.Max, name=name).numpy()
 
 
-class HalfSum:
-    """fp16, a method of hvdtrain.exchange: sum in half precision, average in float32. The half-precision
-    copy is kept from step to step and summed in place: a fresh one each step costs the kernel's page
-    faults on every byte (large blocks come from mmap), which measured more than the cast itself."""
+class _HalfCopy:
+    """The buffer's half-precision copy, kept from step to step: a fresh one each step costs the kernel's
+    page faults on every byte (large blocks come from mmap), which measured more than the cast itself."""
+
+    dtype = FP16Compressor.dtype
 
     def __init__(self) -> None:
         self.packed: Optional[torch.Tensor] = None
 
-    def exchange(self, buffer: np.ndarray, step: int) -> int:
-        flat = torch.from_numpy(buffer)
+    def pack(self, flat: torch.Tensor) -> torch.Tensor:
         if self.packed is None or self.packed.numel() != flat.numel():
-            self.packed = torch.empty(flat.numel(), dtype=torch.float16)
-        self.packed.copy_(flat)
-        hvd.allreduce_(self.packed, op=hvd.Sum, name="flat_gradients.fp16")
-        flat.copy_(self.packed).div_(world.size)
-        return self.packed.numel() * self.packed.element_size()
+            self.packed = torch.empty(flat.numel(), dtype=self.dtype)
+        return self.packed.copy_(flat)
 
 
-class BFloat16Gather:
-    """bf16, a method of hvdtrain.exchange: every rank's bfloat16 words, summed and averaged in float32
-    (added straight from the gathered words into the buffer; the bfloat16 copy is kept between steps)."""
-
-    def __init__(self) -> None:
-        self.packed: Optional[torch.Tensor] = None
+class HalfSum(_HalfCopy):
+    """fp16, a method of hvdtrain.exchange: sum in half precision (in place), average in float32."""
 
     def exchange(self, buffer: np.ndarray, step: int) -> int:
         flat = torch.from_numpy(buffer)
-        if self.packed is None or self.packed.numel() != flat.numel():
-            self.packed = torch.empty(flat.numel(), dtype=torch.bfloat16)
-        self.packed.copy_(flat)
-        gathered = hvd.allgather(self.packed.view(torch.int16), name="flat_gradients.bf16")
+        packed = hvd.allreduce_(self.pack(flat), op=hvd.Sum, name="flat_gradients.fp16")
+        flat.copy_(packed).div_(world.size)
+        return packed.numel() * packed.element_size()
+
+
+class BFloat16Gather(_HalfCopy):
+    """bf16, a method of hvdtrain.exchange: every rank's bfloat16 words, added one rank at a time straight
+    into the float32 buffer and averaged there."""
+
+    dtype = BF16Compressor.dtype
+
+    def exchange(self, buffer: np.ndarray, step: int) -> int:
+        flat = torch.from_numpy(buffer)
+        packed = self.pack(flat)
+        gathered = hvd.allgather(packed.view(torch.int16), name="flat_gradients.bf16")
         parts = gathered.view(torch.bfloat16).view(-1, flat.numel())
         flat.copy_(parts[0])  # rank by rank: torch.sum over the ranks' axis measured 5x slower
         for part in parts[1:]:
             flat.add_(part)
         flat.div_(world.size)
-        return self.packed.numel() * self.packed.element_size()
+        return packed.numel() * packed.element_size()
 
 
 HALF_METHODS = {"fp16": HalfSum, "bf16": BFloat16Gather}
