@@ -54,6 +54,7 @@ class Adapter(Protocol):
     framework: str
     checkpoint_suffix: str
     device_name: str  # where this rank computes: "cpu", "cuda:0 (NVIDIA H200)", ...
+    exchange: str  # how gradients are averaged: "flat" or "overlap" (runtime.exchange_mode)
 
     def sum(self, values: list[float], name: str) -> list[float]: ...
     def gather_object(self, obj: Any, name: str) -> list: ...
@@ -520,6 +521,8 @@ class Trainer:
             "resets": self.schedule.resets, "hosts": self.hosts, "devices": self.devices,
             "precision": self.cfg.train.precision, "threads_per_rank": self.threads,
             "blas_threads": runtime.numpy_threads(),
+            "horovod_collectives": "gloo" if world.horovod.gloo_enabled() else "mpi",
+            "gradient_exchange": self.adapter.exchange,
             "steps": progress.step, "total_steps": self.schedule.total_steps,
             "global_batch": self.cfg.train.batch_size * world.size, "resumed_from": start.resumed_from,
             "final": self.record, "wall_seconds": time.perf_counter() - started,

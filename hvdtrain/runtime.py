@@ -45,16 +45,19 @@ def framework_trainer(framework: str):
     return train
 
 
-def exchange_mode(cfg: Config, has_gpu: bool) -> str:
-    """How gradients are averaged (see hvdtrain.torch.exchange): `auto` overlaps on GPUs, where
-    communication runs beside compute, and uses one flat allreduce on CPU nodes; sparse compression
-    (top-k, auto) needs the flat exchange, and so does bf16, whose words are allgathered (Horovod 0.28
+def exchange_mode(cfg: Config, has_gpu: bool, over_gloo: bool = False) -> str:
+    """How gradients are averaged (see hvdtrain.torch.exchange): `auto` overlaps where communication can
+    run beside backward, on GPUs and over Gloo, whose waits block in the kernel; over Open MPI on CPU
+    nodes it uses one flat allreduce, because Open MPI's TCP transport is progressed by polling from
+    Horovod's thread, which takes the cores backward needs (benchmarks/README, Scaling). Elastic jobs
+    (Gloo) keep the flat exchange, the one their resizing is tested with. Sparse compression (top-k,
+    auto) needs the flat exchange, and so does bf16, whose words are allgathered (Horovod 0.28
     allreduces no bfloat16 tensors). Both framework adapters decide it here."""
     if cfg.compression.method in (*STATEFUL_METHODS, "bf16"):  # Horovod 0.28 allreduces no bfloat16
         return "flat"
     if cfg.horovod.gradient_exchange != "auto":
         return cfg.horovod.gradient_exchange
-    return "overlap" if has_gpu else "flat"
+    return "overlap" if has_gpu or (over_gloo and not elastic_launch()) else "flat"
 
 
 def threads_per_rank(local_size: int) -> int:

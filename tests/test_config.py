@@ -66,3 +66,21 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"hvdtrain: error: {REPO / 'configs/digits-torch.yaml'}: train.batch_size: Input should be greater than 0 (got -1)"]
+
+
+def test_auto_exchange_overlaps_on_gpus_and_over_gloo_and_stays_flat_over_mpi_on_cpu(monkeypatch):
+    from hvdtrain.runtime import exchange_mode
+
+    def mode(*overrides: str, gpu: bool = False, gloo: bool = False) -> str:
+        return exchange_mode(config.load(None, list(overrides)), gpu, gloo)
+
+    monkeypatch.delenv("HOROVOD_ELASTIC", raising=False)
+    assert mode() == "flat"  # Open MPI on a CPU node: its polling would take backward's cores
+    assert mode(gloo=True) == mode(gpu=True) == "overlap"
+    assert mode("compression.method=topk", gloo=True) == "flat"  # sparse methods need the flat buffer
+    assert mode("compression.method=bf16", gpu=True) == "flat"
+    assert mode("compression.method=fp16", gloo=True) == "overlap"
+    assert mode("horovod.gradient_exchange=flat", gloo=True) == "flat"
+    assert mode("horovod.gradient_exchange=overlap") == "overlap"
+    monkeypatch.setenv("HOROVOD_ELASTIC", "1")
+    assert mode(gloo=True) == "flat"  # elastic jobs resize the flat exchange

@@ -21,7 +21,8 @@ from hvdtrain.errors import ConfigError  # noqa: E402
 from hvdtrain.atomic import write_json, write_text  # noqa: E402
 
 PROJECTED_RANKS = [2, 8, 16, 32, 64, 128, 256, 512]
-LABELS = {"horovod": "hvdtrain (Horovod, tuned)", "horovod-default": "Horovod defaults",
+LABELS = {"horovod": "hvdtrain (Horovod, tuned)", "horovod-gloo": "hvdtrain (Horovod over Gloo)",
+          "horovod-default": "Horovod defaults",
           "ddp": "PyTorch DDP (gloo)", "nocomm": "no communication (ceiling)"}
 
 
@@ -172,6 +173,10 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
                 md.append(f"- 2 ranks over {link_name}: hvdtrain relative to DDP {on['horovod'] / on['ddp']:.2f}x"
                           + (f", to Horovod's defaults {on['horovod'] / on['horovod-default']:.2f}x"
                              if "horovod-default" in on else ""))
+            if "horovod-gloo" in on and "ddp" in on:
+                md.append(f"- 2 ranks over {link_name}: hvdtrain over Gloo relative to DDP "
+                          f"{on['horovod-gloo'] / on['ddp']:.2f}x" + (f", to hvdtrain over MPI "
+                          f"{on['horovod-gloo'] / on['horovod']:.2f}x" if "horovod" in on else ""))
         for n in sorted({r["ranks"] for r in rows}):
             ratios = [f"{LABELS[m]} {by['horovod', n] / by[m, n]:.2f}x" for m in ("ddp", "horovod-default", "nocomm")
                       if (m, n) in by and ("horovod", n) in by]

@@ -10,6 +10,7 @@ With `--links 1gbit,...` the communicating modes also run at 2 ranks on the capp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -23,9 +24,10 @@ from hvdtrain import runtime
 from hvdtrain.bench import Targets, end_torch_distributed
 from hvdtrain.config import HorovodConfig, choices
 
-# horovod: hvdtrain's path (its tuned settings and gradient exchange); horovod-default: Horovod's own
-# DistributedOptimizer with Horovod's default settings; ddp: torch DDP (gloo); nocomm: the ceiling.
-MODES = ("horovod", "horovod-default", "ddp", "nocomm")
+# horovod: hvdtrain's path (its tuned settings and gradient exchange) over MPI; horovod-gloo: the same
+# path with Horovod over Gloo (`horovodrun --gloo`); horovod-default: Horovod's own DistributedOptimizer
+# with Horovod's default settings; ddp: torch DDP (gloo); nocomm: the ceiling.
+MODES = ("horovod", "horovod-gloo", "horovod-default", "ddp", "nocomm")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -47,19 +49,20 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device(runtime.device_for_rank(args.device, torch.cuda.device_count(), world.local_rank,
                                                   world.local_size))
     if args.mode.startswith("horovod"):
+        import horovod.torch as hvd
+
         from hvdtrain.torch.trainer import TorchAdapter, build_model, start_horovod
 
-        if args.mode == "horovod":
+        if args.mode in ("horovod", "horovod-gloo"):
             start_horovod(cfg)
         else:  # Horovod's own DistributedOptimizer with Horovod's default settings: none of hvdtrain's tuning
-            import horovod.torch as hvd
-
             cfg.horovod.gradient_exchange = "overlap"
             hvd.init()
             world.attach(hvd)
         adapter = TorchAdapter(cfg, build_model(cfg, shape, 10))
         adapter.broadcast_state()
         model = adapter.model
+        collectives = "gloo" if hvd.gloo_enabled() else "mpi"
 
         def step(x, y, lr) -> tuple[float, float]:
             adapter.train_step((x, y), lr)
@@ -67,6 +70,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         from hvdtrain import models
 
+        collectives = "gloo"  # torch.distributed's, for DDP
         if args.mode == "ddp" and world.size > 1:
             # under srun there is no torchrun: the rendezvous comes from Slurm's variables
             os.environ.setdefault("RANK", str(world.rank))
@@ -108,6 +112,7 @@ def worker(args: argparse.Namespace) -> None:
                 timings[key].append(value)
     elapsed = sum(timings["step"])
     result = {"mode": args.mode, "link": args.link, "rank": rank, "size": size, "threads": threads, "device": str(device),
+              "collectives": collectives, "exchange": adapter.exchange if args.mode.startswith("horovod") else None,
               "samples_per_s": args.batch_size * args.steps / elapsed,
               **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in timings.items()},
               "params": sum(p.numel() for p in model.parameters()),
@@ -127,18 +132,24 @@ def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline
     env = dict(os.environ)
     if timeline is not None and mode.startswith("horovod"):
         env["HOROVOD_TIMELINE"] = str(timeline)  # Horovod's own trace of every collective (rank 0 writes it)
-    if link != "loopback":  # one rank per namespace host, started by mpirun; gloo (DDP) over the capped veth
-        from hvdtrain.bench import links
+    gloo = mode == "horovod-gloo"
+    with contextlib.ExitStack() as job:
+        if link != "loopback":  # one rank per namespace host, started by mpirun; gloo (DDP) over the capped veth
+            from hvdtrain.bench import links
 
-        env.update(MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29532", GLOO_SOCKET_IFNAME="eth0")
-        command = [*links.mpirun_in_namespaces(np, ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
-                                                    *(k for k in env if k.startswith("HOROVOD_")))), *module]
-    elif mode.startswith("horovod"):
-        command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np), *module]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}",
-                   *module[1:]]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+            env.update(MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29532", GLOO_SOCKET_IFNAME="eth0")
+            if gloo:
+                env.update(job.enter_context(links.horovod_over_gloo(np)))
+            command = [*links.mpirun_in_namespaces(np, ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
+                                                        *(k for k in env if k.startswith("HOROVOD_"))), gloo=gloo),
+                       *module]
+        elif mode.startswith("horovod"):
+            command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np), *(["--gloo"] if gloo else []),
+                       *module]
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}",
+                       *module[1:]]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} at np={np} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
@@ -192,6 +203,12 @@ def write_scaling(out: Path) -> list[dict[str, Any]]:
                 print(f"{where}: hvdtrain (Horovod) / DDP = {ratio:.2f}x "
                       f"{targets.check(f'{where} hvdtrain / DDP', ratio, '>=', 0.97 if np == 1 else 1.05)}"
                       + (f", / ceiling = {by['horovod', np] / ceiling[np]:.2f}x" if np in ceiling else ""))
+            if ("horovod-gloo", np) in by and ("ddp", np) in by:
+                ratio = by["horovod-gloo", np] / by["ddp", np]
+                print(f"{where}: hvdtrain (Horovod over Gloo) / DDP = {ratio:.2f}x "
+                      f"{targets.check(f'{where} hvdtrain over Gloo / DDP', ratio, '>=', 0.97 if np == 1 else 1.05)}"
+                      + (f", / over MPI = {ratio * by['ddp', np] / by['horovod', np]:.2f}x"
+                         if ("horovod", np) in by else ""))
     with open(out / "scaling.json", "w") as handle:
         json.dump({"settings": {**first["settings"], "horovod_env": {**runtime.horovod_env(HorovodConfig()),
                                                                        **_exported_horovod_env()}},

@@ -7,6 +7,7 @@
 #   hosts.sh down
 #   hosts.sh agent HOST CMD...   (mpirun's plm_rsh_agent) run CMD inside HOST's namespace
 #   hosts.sh pin CMD...          (under mpirun --bind-to none) run CMD on core (rank mod cores)
+#   hosts.sh gloo CMD...         as pin, for a rank that runs Horovod over Gloo (links.horovod_over_gloo)
 set -eu
 net=10.78.0
 bridge=hvdbbr0
@@ -65,8 +66,18 @@ case "${1:-}" in
         shift
         exec taskset -c $(( OMPI_COMM_WORLD_RANK % $(nproc) )) "$@"
         ;;
+    gloo)
+        # mpirun only starts this rank: Horovod's Gloo rendezvous gives it its place in the job. Each host
+        # keeps this machine's hostname, which /etc/netns maps to the bridge, and Horovod 0.28.1 binds its
+        # process-set contexts by hostname (HOROVOD_GLOO_IFACE reaches only the global ones): a hostname of
+        # its own (h1, h2: the host's eth0 address in its hosts file) makes every context bind to eth0.
+        shift
+        rank=$OMPI_COMM_WORLD_RANK
+        export HOROVOD_RANK=$rank HOROVOD_CROSS_RANK=$rank HOROVOD_HOSTNAME=h$(( rank + 1 ))
+        exec unshare --uts sh -c 'hostname "$HOROVOD_HOSTNAME" && exec bash "$0" pin "$@"' "$0" "$@"
+        ;;
     *)
-        echo "usage: $0 up [RATE] | down | agent HOST CMD... | pin CMD..." >&2
+        echo "usage: $0 up [RATE] | down | agent HOST CMD... | pin CMD... | gloo CMD..." >&2
         exit 2
         ;;
 esac
