@@ -157,8 +157,9 @@ def _bench_compression(args: argparse.Namespace) -> int:
     from hvdtrain.bench import compression
 
     baselines = compression.BASELINES if args.baselines is None else tuple(args.baselines)
+    over_gloo = compression.OVER_GLOO if args.gloo is None else tuple(args.gloo)
     compression.run(args.links, Path(args.out) if args.out else None, tuple(args.methods or compression.METHODS),
-                    baselines, args.epochs)
+                    baselines, args.epochs, over_gloo)
     return 0
 
 
@@ -359,6 +360,9 @@ def parser() -> argparse.ArgumentParser:
     compress.add_argument("--baselines", type=lambda t: _baselines(t) if t else [], default=None,
                           help="comma-separated DDP baselines (default: all of ddp:none,ddp:fp16,ddp:bf16,"
                                "ddp:powersgd; an empty string: none)")
+    compress.add_argument("--gloo", type=lambda t: _methods(t) if t else [], default=None,
+                          help="compression modes also timed with Horovod over Gloo, rows gloo:METHOD (default: "
+                               "none,fp16; an empty string: none)")
     compress.add_argument("--epochs", type=int, default=8, help="epochs of the digits per job (8: 360 steps)")
     compress.add_argument("--out", help="write the figures as JSON here (and a PNG plot per link beside it)")
     compress.set_defaults(handler=_bench_compression)

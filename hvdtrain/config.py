@@ -167,7 +167,7 @@ class HorovodConfig(_Section):
     mpi_yield_when_idle: bool = Field(True, description="OMPI_MCA_mpi_yield_when_idle=1: Open MPI waits "
                                       "with sched_yield instead of spinning (Horovod over MPI)")
     fusion_threshold_mb: float = Field(64.0, ge=0)
-    # auto: flat on CPU nodes (one allreduce per step, measured fastest on 2 cores), overlap on GPUs
+    # auto: overlap on GPUs and over Gloo; flat over MPI on CPU nodes and in elastic jobs (runtime.exchange_mode)
     gradient_exchange: Literal["auto", "flat", "overlap"] = "auto"
     # Horovod's stall inspector: rank 0 names the ranks missing from a collective after
     # stall_warning_seconds, and shuts the job down after stall_shutdown_seconds (0: never).

@@ -10,7 +10,7 @@
 # Environment variables:
 #   HVDTRAIN_BENCH_OUT   results directory (benchmarks/results-<job id>); `hvdtrain bench report` reads it
 #   HVDTRAIN_BENCH_NP    rank counts to sweep (1, 2, 4, ... up to the allocation's tasks)
-#   HVDTRAIN_BENCH_MODES modes to run (horovod horovod-default ddp nocomm)
+#   HVDTRAIN_BENCH_MODES modes to run (horovod horovod-default ddp nocomm; not horovod-gloo: srun starts MPI)
 #   HVDTRAIN_BENCH_ARGS  extra model arguments for the workers (see `hvdtrain bench scaling --help`)
 #   HVDTRAIN_VENV        venv to use (the repository's .venv if it exists)
 #   HVDTRAIN_SRUN_MPI    srun --mpi plugin (pmix)

@@ -24,7 +24,7 @@ def test_allreduce_gap_and_open_mpi_parameters_reach_the_ranks(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="the 1gbit link needs root to create network namespaces and tc caps")
 def test_scaling_allreduce_and_report(tmp_path):
     out = tmp_path / "results"
-    hvdtrain("bench", "scaling", "--np", "1,2", "--modes", "horovod,horovod-default,ddp,nocomm", "--repeats", "1",
+    hvdtrain("bench", "scaling", "--np", "1,2", "--modes", "horovod,horovod-gloo,horovod-default,ddp,nocomm", "--repeats", "1",
              "--steps", "4", "--warmup", "1", "--model", "mlp", "--shape", "1", "8", "8", "--out", str(out),
              "--timeline", "--links", "loopback,1gbit", timeout=900)
     hvdtrain("bench", "allreduce", "--np", "2", "--impls", "horovod-mpi,horovod-gloo,mpi4py,torch-gloo",
@@ -34,8 +34,15 @@ def test_scaling_allreduce_and_report(tmp_path):
 
     scaling = json.loads((out / "scaling.json").read_text())
     rows = {(r["mode"], r["link"], r["ranks"]): r for r in scaling["rows"]}
-    assert set(rows) == {*((m, "loopback", n) for m in ("horovod", "horovod-default", "ddp", "nocomm") for n in (1, 2)),
-                         *((m, "1gbit", 2) for m in ("horovod", "horovod-default", "ddp"))}
+    modes = ("horovod", "horovod-gloo", "horovod-default", "ddp")
+    assert set(rows) == {*((m, "loopback", n) for m in (*modes, "nocomm") for n in (1, 2)),
+                         *((m, "1gbit", 2) for m in modes)}
+    # horovod-gloo is hvdtrain's path over Gloo, on the namespace hosts too, where auto overlaps the exchange
+    for name, collectives, exchange in (("horovod-gloo-np2", "gloo", "overlap"), ("horovod-gloo-1gbit-np2", "gloo", "overlap"),
+                                        ("horovod-1gbit-np2", "mpi", "flat"), ("horovod-np2", "mpi", "flat")):
+        for rank in (0, 1):
+            ran = json.loads((out / "raw" / f"{name}-rep0-rank{rank}.json").read_text())
+            assert (ran["collectives"], ran["exchange"]) == (collectives, exchange), name
     # over the capped link every communicating mode ran on the two namespace hosts, against its one-rank run
     assert all(rows[m, "1gbit", 2]["efficiency"] > 0 for m in ("horovod", "ddp"))
     assert {t["target"] for t in scaling["targets"]} >= {"np=1 hvdtrain / DDP", "np=2 over 1gbit hvdtrain / DDP"}
@@ -63,6 +70,7 @@ def test_scaling_allreduce_and_report(tmp_path):
     markdown = (out / "report.md").read_text()
     assert "| hvdtrain (Horovod, tuned) | loopback | 2 |" in markdown and "## Scale-out projection over 1gbit" in markdown
     assert "2 ranks over 1gbit: hvdtrain relative to DDP" in markdown
+    assert "2 ranks over 1gbit: hvdtrain over Gloo relative to DDP" in markdown
     assert report["machine"]["cores"] >= 1 and "horovod" in report["machine"]["versions"]
 
 
@@ -82,11 +90,16 @@ def test_time_to_accuracy_counts_each_epochs_steps_at_its_own_rate():
 def test_compression_bench_against_ddp_on_loopback(tmp_path):
     out = tmp_path / "compression.json"
     done = hvdtrain("bench", "compression", "--links", "loopback", "--methods", "fp16", "--baselines", "ddp:none",
-                    "--epochs", "1", "--out", str(out), timeout=900)
+                    "--gloo", "none", "--epochs", "1", "--out", str(out), timeout=900)
     assert "compute floor:" in done.stdout and "none vs ddp:none" in done.stdout
+    assert "gloo:none vs ddp:none" in done.stdout
     result = json.loads(out.read_text())
     rows = {r["method"]: r for r in result["links"]["loopback"]}
-    assert set(rows) == {"none", "fp16", "ddp:none"}
+    assert set(rows) == {"none", "fp16", "gloo:none", "ddp:none"}
+    # the same job with Horovod over Gloo, where auto overlaps the exchange; over MPI it stays flat
+    assert (rows["gloo:none"]["horovod_collectives"], rows["gloo:none"]["gradient_exchange"]) == ("gloo", "overlap")
+    assert (rows["none"]["horovod_collectives"], rows["none"]["gradient_exchange"]) == ("mpi", "flat")
+    assert rows["gloo:none"]["bytes_per_step"] == pytest.approx(rows["none"]["bytes_per_step"], rel=0.01)
     for row in rows.values():
         assert row["step_ms"] > 0 and 0 < row["test_accuracy"] <= 1
     # the same model's gradient: fp16 hands the collectives half of fp32's bytes, DDP fp32 as many as none

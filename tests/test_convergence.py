@@ -102,7 +102,7 @@ def test_rollback_recovers_from_a_learning_rate_too_large(digits, tmp_path):
 
 def test_gradient_norms_are_logged_before_and_after_averaging(digits, tmp_path):
     hvdtrain("train", "--config", str(REPO / "configs/digits-torch.yaml"), "--run-dir", str(tmp_path), *digits,
-             "train.max_steps=30", np=2)
+             "train.max_steps=30", "horovod.gradient_exchange=flat", np=2)  # overlap forms no local norm
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
     # the average of two ranks' gradients is shorter than each rank's own (unless they all point alike)

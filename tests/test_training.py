@@ -39,6 +39,9 @@ def test_two_ranks_equal_one_rank_with_double_batch(controller, tmp_path):
     assert summary2["global_batch"] == summary1["global_batch"] == 16
     # two ranks on this node: NumPy's BLAS (PowerSGD's products) kept to each rank's share of the cores
     assert summary2["blas_threads"] == summary2["threads_per_rank"]
+    # auto: Horovod's overlapped exchange over Gloo (its waits block), one flat allreduce over Open MPI
+    assert (summary2["horovod_collectives"], summary2["gradient_exchange"]) == \
+        (controller, "overlap" if controller == "gloo" else "flat")
     assert summary1["blas_threads"] == summary1["threads_per_rank"]
     assert summary2["weights_identical"], summary2["weights_digests"]
     assert_same_weights(weights2, weights1)

@@ -7,7 +7,8 @@ and Open MPI forced onto TCP over that bridge, one core per "host". The model is
 MLP of 4.3 M parameters on the digits); each point is a real `hvdtrain train` run (median steps/s of its
 later epochs, test accuracy after the same number of steps, training seconds until the test accuracy
 first reached ACCURACY_BAR).
-Also: the top-k selection time against one memcpy of the gradient.
+The dense methods are also timed with Horovod over Gloo (rows `gloo:none`, `gloo:fp16`), where hvdtrain
+overlaps the exchange with backward. Also: the top-k selection time against one memcpy of the gradient.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from hvdtrain.topk import TopK
 METHODS = choices("compression.method")
 # what a PyTorch user would run instead (hvdtrain.bench.ddp)
 BASELINES = ("ddp:none", "ddp:fp16", "ddp:bf16", "ddp:powersgd")
+# also timed with Horovod over Gloo (rows gloo:METHOD): the dense exchanges, which overlap there
+OVER_GLOO = ("none", "fp16")
 ACCURACY_BAR = 0.95  # time_to_accuracy: training seconds until the test accuracy first reaches it
 JOB_TIMEOUT = 900
 # Communication-heavy: an MLP of 4.3 M parameters on the digits (8x8) computes a step in tens of
@@ -104,17 +107,33 @@ def _run(command: list[str], method: str, run_dir: Path, env: dict | None = None
             next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
         return {"method": method, "error": f"exit {proc.returncode}: {reason.strip()[:300]}",
                 "output_tail": (proc.stdout + proc.stderr)[-1500:]}
-    return {**_row(method, _epochs(run_dir), ranks),
-            **({"weights_identical": json.loads((run_dir / "summary.json").read_text())["weights_identical"]}
-               if method.startswith("ddp:") else {})}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    kept = ("weights_identical",) if method.startswith("ddp:") else ("horovod_collectives", "gradient_exchange")
+    return {**_row(method, _epochs(run_dir), ranks), **{key: summary[key] for key in kept}}
 
 
-def _hvdtrain(prefix: list[str], method: str, scratch: Path, job: list[str], ranks: int = RANKS) -> dict:
-    run_dir = scratch / method
+def _hvdtrain(prefix: list[str], method: str, scratch: Path, job: list[str], ranks: int = RANKS,
+              name: str | None = None, env: dict | None = None) -> dict:
+    """hvdtrain with compression `method`, its row named `name` (default: the method)."""
+    name = name or method
+    run_dir = scratch / name
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [*prefix, str(Path(sys.executable).parent / "hvdtrain"), "train", "--run-dir", str(run_dir),
                f"compression.method={method}", *job]
-    return _run(command, method, run_dir, ranks=ranks)
+    return _run(command, name, run_dir, env, ranks=ranks)
+
+
+def _hvdtrain_over_gloo(link: str, method: str, scratch: Path, job: list[str]) -> dict:
+    """The row `gloo:METHOD`: hvdtrain with Horovod over Gloo, `horovodrun --gloo` here and Horovod's own
+    rendezvous on the namespace hosts; `auto` then overlaps the exchange (runtime.exchange_mode)."""
+    name = f"gloo:{method}"
+    if link == "loopback":
+        return _hvdtrain([str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS), "--gloo"], method,
+                         scratch, job, name=name)
+    with links.horovod_over_gloo(RANKS) as gloo:
+        env = {**os.environ, **gloo}
+        prefix = links.mpirun_in_namespaces(RANKS, ("HOROVOD_CYCLE_TIME", "TF_CPP_MIN_LOG_LEVEL", *gloo), env, gloo=True)
+        return _hvdtrain(prefix, method, scratch, job, name=name, env=env)
 
 
 def compute_floor(scratch: Path, job: list[str]) -> dict:
@@ -183,7 +202,7 @@ def _check_link(link: str, rows: list[dict], targets: Targets, floor: dict | Non
                 speedup = by[method]["speedup_vs_none"]
                 line += f", step x{speedup:.2f} " + targets.check(f"1gbit {method} step speed-up vs none", speedup, ">=", 3)
             print(line)
-    for ours, theirs in (("none", "ddp:none"), ("fp16", "ddp:fp16")):
+    for ours, theirs in (("none", "ddp:none"), ("fp16", "ddp:fp16"), ("gloo:none", "ddp:none"), ("gloo:fp16", "ddp:fp16")):
         if ours in by and theirs in by:
             ratio = by[theirs]["step_ms"] / by[ours]["step_ms"]
             print(f"  {link:8s} {ours} vs {theirs}: {ratio:.2f}x DDP's speed "
@@ -213,7 +232,7 @@ def _check_link(link: str, rows: list[dict], targets: Targets, floor: dict | Non
 
 
 def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METHODS,
-        baselines: tuple[str, ...] = BASELINES, epochs: int = EPOCHS) -> dict:
+        baselines: tuple[str, ...] = BASELINES, epochs: int = EPOCHS, over_gloo: tuple[str, ...] = OVER_GLOO) -> dict:
     targets = Targets()
     job = [*TRAIN, f"train.epochs={epochs}"]
     results: dict = {"selection": [selection_vs_memcpy(n) for n in (1_000_000, 6_400_000, 25_000_000)],
@@ -238,6 +257,9 @@ def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METH
                 for method in dict.fromkeys(("none", *methods)):  # none is every link's baseline
                     print(f"bench compression: {link} {method} ...", flush=True)
                     rows.append(_hvdtrain(prefix, method, Path(scratch), job))
+                for method in over_gloo:
+                    print(f"bench compression: {link} {method} over Gloo ...", flush=True)
+                    rows.append(_hvdtrain_over_gloo(link, method, Path(scratch), job))
                 for hook in baselines:
                     print(f"bench compression: {link} DDP {hook} ...", flush=True)
                     rows.append(_ddp(link, hook.split(":")[-1], Path(scratch), job))

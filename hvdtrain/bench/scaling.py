@@ -63,6 +63,9 @@ def worker(args: argparse.Namespace) -> None:
         adapter.broadcast_state()
         model = adapter.model
         collectives = "gloo" if hvd.gloo_enabled() else "mpi"
+        if args.mode == "horovod-gloo" and collectives != "gloo":  # e.g. srun: Horovod took MPI
+            raise SystemExit("horovod-gloo: Horovod is running over MPI here; start the ranks with "
+                             "`horovodrun --gloo` (hvdtrain bench scaling does)")
 
         def step(x, y, lr) -> tuple[float, float]:
             adapter.train_step((x, y), lr)

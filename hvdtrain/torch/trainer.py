@@ -239,8 +239,8 @@ class TorchAdapter:
     def _exchange_stats(self) -> dict:
         if self.flat is not None:
             return self.flat.stats()
-        # overlap sends every gradient each step, in half precision for fp16/bf16
-        words = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # overlap sends every gradient each step (none on one rank), in half precision for fp16/bf16
+        words = sum(p.numel() for p in self.model.parameters() if p.requires_grad) if world.size > 1 else 0
         method = self.cfg.compression.method
         return {"bytes_per_step": words * (2 if method in COMPRESSORS else 4), "compression": method}
 
