@@ -521,7 +521,7 @@ class Trainer:
             "resets": self.schedule.resets, "hosts": self.hosts, "devices": self.devices,
             "precision": self.cfg.train.precision, "threads_per_rank": self.threads,
             "blas_threads": runtime.numpy_threads(),
-            "horovod_collectives": "gloo" if world.horovod.gloo_enabled() else "mpi",
+            "horovod_collectives": world.collectives,
             "gradient_exchange": self.adapter.exchange,
             "steps": progress.step, "total_steps": self.schedule.total_steps,
             "global_batch": self.cfg.train.batch_size * world.size, "resumed_from": start.resumed_from,

@@ -81,6 +81,12 @@ class World:
         return self._ask(3, "local_size")
 
     @property
+    def collectives(self) -> str:
+        """What Horovod's CPU collectives run over once it is up: "gloo" (horovodrun --gloo, elastic jobs)
+        or "mpi"."""
+        return "gloo" if self._hvd is not None and self._hvd.gloo_enabled() else "mpi"
+
+    @property
     def is_root(self) -> bool:
         return self.rank == 0
 

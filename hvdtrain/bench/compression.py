@@ -12,6 +12,7 @@ overlaps the exchange with backward. Also: the top-k selection time against one 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -112,28 +113,31 @@ def _run(command: list[str], method: str, run_dir: Path, env: dict | None = None
     return {**_row(method, _epochs(run_dir), ranks), **{key: summary[key] for key in kept}}
 
 
+def _launcher(link: str, gloo: dict | None = None) -> list[str]:
+    """How hvdtrain's ranks start on `link`: horovodrun here, mpirun on the namespace hosts. gloo: Horovod
+    over Gloo (`horovodrun --gloo`; on the hosts, the variables of links.horovod_over_gloo)."""
+    if link == "loopback":
+        return [str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS), *([] if gloo is None else ["--gloo"])]
+    return links.mpirun_in_namespaces(RANKS, ("HOROVOD_CYCLE_TIME", "TF_CPP_MIN_LOG_LEVEL"), gloo=gloo)
+
+
 def _hvdtrain(prefix: list[str], method: str, scratch: Path, job: list[str], ranks: int = RANKS,
-              name: str | None = None, env: dict | None = None) -> dict:
+              name: str | None = None) -> dict:
     """hvdtrain with compression `method`, its row named `name` (default: the method)."""
     name = name or method
     run_dir = scratch / name
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [*prefix, str(Path(sys.executable).parent / "hvdtrain"), "train", "--run-dir", str(run_dir),
                f"compression.method={method}", *job]
-    return _run(command, name, run_dir, env, ranks=ranks)
+    return _run(command, name, run_dir, ranks=ranks)
 
 
 def _hvdtrain_over_gloo(link: str, method: str, scratch: Path, job: list[str]) -> dict:
-    """The row `gloo:METHOD`: hvdtrain with Horovod over Gloo, `horovodrun --gloo` here and Horovod's own
-    rendezvous on the namespace hosts; `auto` then overlaps the exchange (runtime.exchange_mode)."""
-    name = f"gloo:{method}"
-    if link == "loopback":
-        return _hvdtrain([str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS), "--gloo"], method,
-                         scratch, job, name=name)
-    with links.horovod_over_gloo(RANKS) as gloo:
-        env = {**os.environ, **gloo}
-        prefix = links.mpirun_in_namespaces(RANKS, ("HOROVOD_CYCLE_TIME", "TF_CPP_MIN_LOG_LEVEL", *gloo), env, gloo=True)
-        return _hvdtrain(prefix, method, scratch, job, name=name, env=env)
+    """The row `gloo:METHOD`: hvdtrain with Horovod over Gloo; `auto` then overlaps the exchange
+    (runtime.exchange_mode). On the namespace hosts Horovod's own rendezvous serves the job."""
+    rendezvous = contextlib.nullcontext({}) if link == "loopback" else links.horovod_over_gloo(RANKS)
+    with rendezvous as gloo:
+        return _hvdtrain(_launcher(link, gloo), method, scratch, job, name=f"gloo:{method}")
 
 
 def compute_floor(scratch: Path, job: list[str]) -> dict:
@@ -248,10 +252,7 @@ def run(link_names: list[str], out: Path | None, methods: tuple[str, ...] = METH
         results["floor"] = floor = compute_floor(Path(scratch), job)
         print(f"  compute floor: {floor['step_ms']:.1f} ms per step", flush=True)
         for link in link_names:
-            if link == "loopback":
-                prefix = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(RANKS)]
-            else:
-                prefix = links.mpirun_in_namespaces(RANKS, ("HOROVOD_CYCLE_TIME", "TF_CPP_MIN_LOG_LEVEL"))
+            prefix = _launcher(link)
             rows = []
             with links.network(link):
                 for method in dict.fromkeys(("none", *methods)):  # none is every link's baseline

@@ -14,11 +14,11 @@ BRIDGE_ADDRESS = "10.78.0.1"  # this machine, as the hosts reach it
 
 
 def mpirun_in_namespaces(ranks: int, exports: tuple[str, ...] = (), env: Mapping[str, str] = os.environ,
-                         gloo: bool = False) -> list[str]:
+                         gloo: Mapping[str, str] | None = None) -> list[str]:
     """mpirun placing rank r on host h(r+1), pinned to core r (`hosts.sh pin`): Open MPI would bind each
     host's rank to "its" core 0, i.e. both ranks to one core. `exports` and any Open MPI parameters set in
-    `env`, mpirun's environment (OMPI_MCA_*), reach every rank. gloo: the ranks run Horovod over Gloo,
-    with the variables of `horovod_over_gloo` among the exports (mpirun only starts them)."""
+    `env`, mpirun's environment (OMPI_MCA_*), reach every rank. gloo: the variables of
+    `horovod_over_gloo`, with which the ranks run Horovod over Gloo (mpirun only starts them)."""
     hosts = ",".join(f"h{i + 1}" for i in range(ranks))
     command = ["mpirun", "--allow-run-as-root", "-np", str(ranks), "-H", hosts, "--bind-to", "none",
                "--mca", "plm_rsh_agent", f"{HOSTS} agent", "--mca", "routed", "direct",
@@ -26,7 +26,9 @@ def mpirun_in_namespaces(ranks: int, exports: tuple[str, ...] = (), env: Mapping
                "--mca", "oob_tcp_if_include", "10.78.0.0/24", "-x", "PATH"]
     for name in dict.fromkeys([*exports, *sorted(k for k in env if k.startswith("OMPI_MCA_"))]):
         command += ["-x", name]
-    return [*command, "bash", str(HOSTS), "gloo" if gloo else "pin"]
+    for name, value in (gloo or {}).items():
+        command += ["-x", f"{name}={value}"]
+    return [*command, "bash", str(HOSTS), "pin" if gloo is None else "gloo"]
 
 
 @contextlib.contextmanager

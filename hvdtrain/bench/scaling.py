@@ -49,20 +49,20 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device(runtime.device_for_rank(args.device, torch.cuda.device_count(), world.local_rank,
                                                   world.local_size))
     if args.mode.startswith("horovod"):
-        import horovod.torch as hvd
-
         from hvdtrain.torch.trainer import TorchAdapter, build_model, start_horovod
 
         if args.mode in ("horovod", "horovod-gloo"):
             start_horovod(cfg)
         else:  # Horovod's own DistributedOptimizer with Horovod's default settings: none of hvdtrain's tuning
+            import horovod.torch as hvd
+
             cfg.horovod.gradient_exchange = "overlap"
             hvd.init()
             world.attach(hvd)
         adapter = TorchAdapter(cfg, build_model(cfg, shape, 10))
         adapter.broadcast_state()
         model = adapter.model
-        collectives = "gloo" if hvd.gloo_enabled() else "mpi"
+        collectives = world.collectives
         if args.mode == "horovod-gloo" and collectives != "gloo":  # e.g. srun: Horovod took MPI
             raise SystemExit("horovod-gloo: Horovod is running over MPI here; start the ranks with "
                              "`horovodrun --gloo` (hvdtrain bench scaling does)")
@@ -141,11 +141,10 @@ def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline
             from hvdtrain.bench import links
 
             env.update(MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29532", GLOO_SOCKET_IFNAME="eth0")
-            if gloo:
-                env.update(job.enter_context(links.horovod_over_gloo(np)))
+            rendezvous = job.enter_context(links.horovod_over_gloo(np)) if gloo else None
             command = [*links.mpirun_in_namespaces(np, ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
-                                                        *(k for k in env if k.startswith("HOROVOD_"))), gloo=gloo),
-                       *module]
+                                                        *(k for k in env if k.startswith("HOROVOD_"))),
+                                                   gloo=rendezvous), *module]
         elif mode.startswith("horovod"):
             command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np), *(["--gloo"] if gloo else []),
                        *module]
@@ -210,7 +209,7 @@ def write_scaling(out: Path) -> list[dict[str, Any]]:
                 ratio = by["horovod-gloo", np] / by["ddp", np]
                 print(f"{where}: hvdtrain (Horovod over Gloo) / DDP = {ratio:.2f}x "
                       f"{targets.check(f'{where} hvdtrain over Gloo / DDP', ratio, '>=', 0.97 if np == 1 else 1.05)}"
-                      + (f", / over MPI = {ratio * by['ddp', np] / by['horovod', np]:.2f}x"
+                      + (f", / over MPI = {by['horovod-gloo', np] / by['horovod', np]:.2f}x"
                          if ("horovod", np) in by else ""))
     with open(out / "scaling.json", "w") as handle:
         json.dump({"settings": {**first["settings"], "horovod_env": {**runtime.horovod_env(HorovodConfig()),

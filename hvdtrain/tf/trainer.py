@@ -105,7 +105,7 @@ class TensorFlowAdapter:
         self.lr = tf.Variable(cfg.train.lr, dtype=tf.float32, trainable=False)
         self.loss = loss_function(cfg, loss)
         self.flat = None
-        self.exchange = runtime.exchange_mode(cfg, self.device_name != "cpu", hvd.gloo_enabled())
+        self.exchange = runtime.exchange_mode(cfg, self.device_name != "cpu", world.collectives == "gloo")
         if self.exchange == "flat":
             self.flat = FlatExchange(self.model.trainable_variables, cfg.compression, cfg.train.momentum)
         self.label_dtype = tf.as_dtype(self.task.label_dtype)

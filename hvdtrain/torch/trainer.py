@@ -87,7 +87,7 @@ class TorchAdapter:
         self.optimizer = _optimizer(cfg, self.model)
         self.precision = Precision(cfg.train.precision, self.device.type)
         self.flat = None
-        self.exchange = runtime.exchange_mode(cfg, self.device.type == "cuda", hvd.gloo_enabled())
+        self.exchange = runtime.exchange_mode(cfg, self.device.type == "cuda", world.collectives == "gloo")
         if self.exchange == "overlap":
             compression = COMPRESSORS.get(cfg.compression.method, hvd.Compression.none)
             self.optimizer = hvd.DistributedOptimizer(self.optimizer, named_parameters=self.model.named_parameters(),
