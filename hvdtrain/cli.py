@@ -323,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_arguments(scale)
     scale.set_defaults(handler=_bench_scaling)
 
-    from hvdtrain.bench.allreduce import DEFAULT_SIZES_MB, IMPLEMENTATIONS
+    from hvdtrain.bench.allreduce import DEFAULT_SIZES_MB, DTYPES, IMPLEMENTATIONS
     ring = bench_sub.add_parser("allreduce", help="allreduce bus bandwidth over message sizes")
     ring.add_argument("--np", type=int, default=2)
     ring.add_argument("--impls", type=lambda t: t.split(","), default=list(IMPLEMENTATIONS),
@@ -331,6 +331,9 @@ def parser() -> argparse.ArgumentParser:
     ring.add_argument("--sizes", type=_floats, default=list(DEFAULT_SIZES_MB), help="message sizes in MiB")
     ring.add_argument("--links", type=lambda t: t.split(","), default=["loopback"],
                       help="loopback and/or tc-capped namespace links such as 1gbit,10gbit (needs root)")
+    ring.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="element type: float16 is what compression.method=fp16 sends (mpi4py is left out: "
+                           "MPI has no float16 sum)")
     ring.add_argument("--gap-ms", type=float, default=0.0,
                       help="idle milliseconds before each call, as a training step's compute leaves")
     ring.add_argument("--repeats", type=int, default=0, help="calls timed per size (default: by size, 5 to 200)")

@@ -3,12 +3,14 @@
 Implementations: Horovod over MPI and over Gloo (with hvdtrain's settings), mpi4py's Allreduce, and
 torch.distributed (gloo); one memcpy of the same buffer is the limit a shared-memory allreduce
 approaches. Bus bandwidth = bytes x 2(N-1)/N / time (nccl-tests' convention: comparable across N).
-Links: loopback (every implementation), and tc-capped links between two network-namespace hosts such as
-1gbit or 10gbit (the MPI-launched ones: mpi4py and horovod-mpi), which calibrate the report's model.
+Links: loopback, and tc-capped links between two network-namespace hosts such as 1gbit or 10gbit, which
+calibrate the report's model (every implementation runs on both). dtype float16: what the fp16 compressor
+sends; mpi4py is left out there, as MPI has no half-precision sum.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ from hvdtrain.bench import Targets, end_torch_distributed, links
 
 IMPLEMENTATIONS = ("horovod-mpi", "horovod-gloo", "mpi4py", "torch-gloo")
 DEFAULT_SIZES_MB = (0.004, 0.064, 0.25, 1, 4, 16, 64, 100)
+DTYPES = ("float32", "float16")
 
 
 def _time(op: Callable[[], None], nbytes: int, barrier: Callable[[], None], gap_s: float = 0.0,
@@ -46,8 +49,9 @@ def _time(op: Callable[[], None], nbytes: int, barrier: Callable[[], None], gap_
     return statistics.median(samples), statistics.mean(samples), max(samples)
 
 
-def _result_name(impl: str, ranks: int, link: str) -> str:
-    return f"allreduce-{impl}-np{ranks}" + ("" if link == "loopback" else f"-{link}") + ".json"
+def _result_name(impl: str, ranks: int, link: str, dtype: str = "float32") -> str:
+    return (f"allreduce-{impl}-np{ranks}" + ("" if link == "loopback" else f"-{link}")
+            + ("" if dtype == "float32" else f"-{dtype}") + ".json")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -70,15 +74,19 @@ def worker(args: argparse.Namespace) -> None:
 
         comm = MPI.COMM_WORLD
         rank, size, barrier = comm.Get_rank(), comm.Get_size(), comm.Barrier
-    else:
-        torch.distributed.init_process_group("gloo")
+    else:  # torchrun sets RANK and WORLD_SIZE; on the namespace hosts mpirun starts the ranks
+        torch.distributed.init_process_group(
+            "gloo", rank=int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0))),
+            world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", 1))))
         rank, size, barrier = torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed.barrier
 
+    dtype = getattr(torch, args.dtype)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
     rows = []
     for megabytes in args.sizes:
-        count = max(1, int(megabytes * 2**20) // 4)
-        nbytes = count * 4
-        tensor = torch.ones(count)
+        count = max(1, int(megabytes * 2**20) // itemsize)
+        nbytes = count * itemsize
+        tensor = torch.ones(count, dtype=dtype)
         if impl.startswith("horovod"):
             op = lambda: hvd.allreduce_(tensor, op=hvd.Sum, name=f"allreduce.{count}")  # noqa: E731
         elif impl == "mpi4py":
@@ -87,7 +95,7 @@ def worker(args: argparse.Namespace) -> None:
         else:
             op = lambda: torch.distributed.all_reduce(tensor)  # noqa: E731
         seconds, mean, slowest = _time(op, nbytes, barrier, args.gap_ms / 1e3, args.repeats)
-        source, target = np.ones(count, np.float32), np.empty(count, np.float32)
+        source, target = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
         memcpy, _, _ = _time(lambda: np.copyto(target, source), nbytes, lambda: None)
         bus = nbytes * 2 * (size - 1) / size / 1e9
         rows.append({"bytes": nbytes, "seconds": seconds, "mean_seconds": mean, "max_seconds": slowest,
@@ -96,8 +104,9 @@ def worker(args: argparse.Namespace) -> None:
                      "alg_gb_s": nbytes / seconds / 1e9, "memcpy_gb_s": nbytes / memcpy / 1e9})
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / _result_name(impl, size, args.link)).write_text(
-            json.dumps({"impl": impl, "ranks": size, "link": args.link, "gap_ms": args.gap_ms, "rows": rows,
+        (Path(args.out) / _result_name(impl, size, args.link, args.dtype)).write_text(
+            json.dumps({"impl": impl, "ranks": size, "link": args.link, "dtype": args.dtype,
+                        "gap_ms": args.gap_ms, "rows": rows,
                         # what Open MPI was told, as rank 0 saw it (hvdtrain's own settings included)
                         "ompi_mca": {k: v for k, v in sorted(os.environ.items()) if k.startswith("OMPI_MCA_")}},
                        indent=2))
@@ -116,23 +125,35 @@ def _command(impl: str, np: int, module: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}", *module[1:]]
 
 
-CAPPED_IMPLS = ("horovod-mpi", "mpi4py")  # launched by mpirun, so they can run in the namespace hosts
+def _on_hosts(impl: str, np: int, module: list[str], env: dict) -> tuple[contextlib.AbstractContextManager, list]:
+    """How `impl` starts on the namespace hosts: mpirun places the ranks; Horovod over Gloo also needs its
+    rendezvous server, and torch.distributed's gloo meets at rank 0's host."""
+    if impl == "horovod-gloo":
+        server = links.horovod_over_gloo(np)
+        return server, lambda gloo: [*links.mpirun_in_namespaces(np, env=env, gloo=gloo), *module]
+    exports = ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME") if impl == "torch-gloo" else ()
+    return contextlib.nullcontext(), lambda _: [*links.mpirun_in_namespaces(np, exports, env=env), *module]
 
 
 def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list[dict]:
     results = []
-    impls = args.impls if link == "loopback" else [i for i in args.impls if i in CAPPED_IMPLS]
+    impls = [i for i in args.impls if not (i == "mpi4py" and args.dtype == "float16")]
+    if len(impls) < len(args.impls):
+        print("allreduce: mpi4py left out: MPI has no float16 sum", flush=True)
     for impl in impls:
         module = [sys.executable, "-m", "hvdtrain.bench.allreduce", "--impl", impl, "--out", str(out),
-                  "--link", link, "--gap-ms", str(args.gap_ms), "--repeats", str(args.repeats),
-                  "--sizes", *map(str, args.sizes)]
-        print(f"allreduce: {impl} np={args.np} over {link} ...", flush=True)
-        command = _command(impl, args.np, module) if link == "loopback" else [
-            *links.mpirun_in_namespaces(args.np, env=env), *module]
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+                  "--link", link, "--dtype", args.dtype, "--gap-ms", str(args.gap_ms),
+                  "--repeats", str(args.repeats), "--sizes", *map(str, args.sizes)]
+        print(f"allreduce: {impl} np={args.np} {args.dtype} over {link} ...", flush=True)
+        if link == "loopback":
+            launch, command = contextlib.nullcontext(), lambda _: _command(impl, args.np, module)
+        else:
+            launch, command = _on_hosts(impl, args.np, module, env)
+        with launch as gloo:
+            proc = subprocess.run(command(gloo), capture_output=True, text=True, env=env, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} over {link} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        results.append(json.loads((out / _result_name(impl, args.np, link)).read_text()))
+        results.append(json.loads((out / _result_name(impl, args.np, link, args.dtype)).read_text()))
     return results
 
 
@@ -140,7 +161,9 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out) / "raw"
     # --mca name=value: Open MPI parameters for every MPI-launched rank, as OMPI_MCA_name environment variables
     mca = {f"OMPI_MCA_{name}": value for name, value in (item.split("=", 1) for item in args.mca)}
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **mca)
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **mca,
+               # torch-gloo on the namespace hosts: rank 0's host is the rendezvous, gloo talks over eth0
+               MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29533", GLOO_SOCKET_IFNAME="eth0")
     every, targets = [], Targets()
     for link in args.links:
         with links.network(link):
@@ -163,7 +186,11 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                     ratio = by[impl] / by["mpi4py"]
                     verdict = targets.check(f"{link} {impl} / mpi4py bus bandwidth", ratio, ">=", 0.9)
                     print(f"{link}: {args.sizes[-1]:g} MB: {impl} / mpi4py bus bandwidth = {ratio:.2f}x {verdict}")
-    write_json(Path(args.out) / "allreduce-targets.json", targets.checked)
+        if by.get("horovod-gloo") and by.get("torch-gloo"):  # the same transport, Horovod's reduction vs PyTorch's
+            print(f"{link}: {args.sizes[-1]:g} MB {args.dtype}: horovod-gloo / torch-gloo bus bandwidth = "
+                  f"{by['horovod-gloo'] / by['torch-gloo']:.2f}x")
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    write_json(Path(args.out) / f"allreduce-targets{suffix}.json", targets.checked)
     return every
 
 
@@ -172,6 +199,7 @@ if __name__ == "__main__":  # the worker entry point the launchers start
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--link", default="loopback")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--sizes", type=float, nargs="+", default=list(DEFAULT_SIZES_MB))
     parser.add_argument("--gap-ms", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=0)

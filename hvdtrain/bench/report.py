@@ -94,6 +94,16 @@ def _bandwidth_plot(allreduce: list[dict], out: Path) -> str:
     return "allreduce.png"
 
 
+def _bandwidth_table(title: str, allreduce: list[dict]) -> list[str]:
+    md = [f"## {title}", "", "| MiB | " + " | ".join(_name(a) for a in allreduce) + " | memcpy |",
+          "|---|" + "---|" * (len(allreduce) + 1)]
+    for i, row in enumerate(allreduce[0]["rows"]):
+        md.append(f"| {row['bytes'] / 2**20:g} | " + " | ".join(
+            f"{(a['rows'][i]['bus_gb_s'] or a['rows'][i]['alg_gb_s']):.2f}" for a in allreduce)
+            + f" | {row['memcpy_gb_s']:.2f} |")
+    return [*md, ""]
+
+
 def _link(allreduce: dict) -> str:
     return allreduce.get("link", "loopback")  # results written before links were recorded: loopback
 
@@ -184,18 +194,16 @@ def build(results_dir: Path, out: Path | None = None) -> dict[str, Any]:
                 md.append(f"- {n} rank(s): hvdtrain relative to " + ", ".join(ratios))
         plots += _scaling_plots(rows, out)
         md += ["", "![throughput and efficiency](scaling.png)", "", "![comparison](comparison.png)", ""]
-    if allreduce_files:
-        allreduce = sorted((json.loads(p.read_text()) for p in allreduce_files),
-                           key=lambda a: (_link(a) != "loopback", _link(a), a["impl"]))
+    every = sorted((json.loads(p.read_text()) for p in allreduce_files),
+                   key=lambda a: (_link(a) != "loopback", _link(a), a["impl"]))
+    half = [a for a in every if a.get("dtype") == "float16"]
+    if half:  # bench allreduce --dtype float16: what compression.method=fp16 sends
+        report["allreduce_float16"] = half
+        md += _bandwidth_table("float16 allreduce bus bandwidth (GB/s), what `compression.method=fp16` sends", half)
+    allreduce = [a for a in every if a.get("dtype", "float32") == "float32"]
+    if allreduce:
         report["allreduce"] = allreduce
-        md += ["## Allreduce bus bandwidth (GB/s)", "",
-               "| MiB | " + " | ".join(_name(a) for a in allreduce) + " | memcpy |",
-               "|---|" + "---|" * (len(allreduce) + 1)]
-        for i, row in enumerate(allreduce[0]["rows"]):
-            md.append(f"| {row['bytes'] / 2**20:g} | " + " | ".join(
-                f"{(a['rows'][i]['bus_gb_s'] or a['rows'][i]['alg_gb_s']):.2f}" for a in allreduce)
-                + f" | {row['memcpy_gb_s']:.2f} |")
-        md.append("")
+        md += _bandwidth_table("Allreduce bus bandwidth (GB/s)", allreduce)
         links = list(dict.fromkeys(_link(a) for a in allreduce))
         for link_name in links:
             largest = {a["impl"]: a["rows"][-1] for a in allreduce if _link(a) == link_name}
