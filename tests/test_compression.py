@@ -167,7 +167,7 @@ def test_fp16_on_cpu_matches_the_float32_average_where_horovods_fails(controller
     hvdtrain("train", "--run-dir", str(tmp_path / "none"), *common, np=2, controller=controller)
     summary = json.loads((tmp_path / "fp16/summary.json").read_text())
     assert summary["horovod_collectives"] == controller and summary["weights_identical"]
-    half = torch.load(json.loads((tmp_path / "fp16/summary.json").read_text())["checkpoint"], weights_only=True)
+    half = torch.load(summary["checkpoint"], weights_only=True)
     full = torch.load(json.loads((tmp_path / "none/summary.json").read_text())["checkpoint"], weights_only=True)
     for name in full["model"]:
         assert torch.allclose(half["model"][name], full["model"][name], atol=5e-3), name
