@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from hvdtrain.atomic import write_json
 from hvdtrain.bench import Targets, end_torch_distributed, links
@@ -74,10 +74,10 @@ def worker(args: argparse.Namespace) -> None:
 
         comm = MPI.COMM_WORLD
         rank, size, barrier = comm.Get_rank(), comm.Get_size(), comm.Barrier
-    else:  # torchrun sets RANK and WORLD_SIZE; on the namespace hosts mpirun starts the ranks
-        torch.distributed.init_process_group(
-            "gloo", rank=int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0))),
-            world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", 1))))
+    else:  # torchrun's ranks, or mpirun's on the namespace hosts: world reads either launcher
+        from hvdtrain.world import world
+
+        torch.distributed.init_process_group("gloo", rank=world.rank, world_size=world.size)
         rank, size, barrier = torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed.barrier
 
     dtype = getattr(torch, args.dtype)
@@ -125,18 +125,19 @@ def _command(impl: str, np: int, module: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={np}", *module[1:]]
 
 
-def _on_hosts(impl: str, np: int, module: list[str], env: dict) -> tuple[contextlib.AbstractContextManager,
-                                                                         Callable[[dict], list[str]], dict]:
-    """How `impl` starts on the namespace hosts (the launch context, the command given what the context
-    yields, mpirun's environment): mpirun places the ranks; Horovod over Gloo also needs its rendezvous
-    server, and torch.distributed's gloo meets at rank 0's host and talks over eth0."""
-    if impl == "horovod-gloo":
-        server = links.horovod_over_gloo(np)
-        return server, lambda gloo: [*links.mpirun_in_namespaces(np, env=env, gloo=gloo), *module], env
-    if impl == "torch-gloo":
-        env = dict(env, MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29533", GLOO_SOCKET_IFNAME="eth0")
-    exports = ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME") if impl == "torch-gloo" else ()
-    return contextlib.nullcontext(), lambda _: [*links.mpirun_in_namespaces(np, exports, env=env), *module], env
+@contextlib.contextmanager
+def _launch(impl: str, link: str, np: int, module: list[str], env: dict) -> Iterator[tuple[list[str], dict]]:
+    """The command that starts `impl`'s ranks on `link`, and its environment. On the namespace hosts
+    mpirun places the ranks; Horovod over Gloo also needs its rendezvous server for the job's lifetime."""
+    if link == "loopback":
+        yield _command(impl, np, module), env
+    elif impl == "horovod-gloo":
+        with links.horovod_over_gloo(np) as gloo:
+            yield [*links.mpirun_in_namespaces(np, env=env, gloo=gloo), *module], env
+    else:
+        extra = links.torch_distributed_env() if impl == "torch-gloo" else {}
+        env = {**env, **extra}
+        yield [*links.mpirun_in_namespaces(np, tuple(extra), env=env), *module], env
 
 
 def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list[dict]:
@@ -149,12 +150,8 @@ def _run_link(link: str, args: argparse.Namespace, out: Path, env: dict) -> list
                   "--link", link, "--dtype", args.dtype, "--gap-ms", str(args.gap_ms),
                   "--repeats", str(args.repeats), "--sizes", *map(str, args.sizes)]
         print(f"allreduce: {impl} np={args.np} {args.dtype} over {link} ...", flush=True)
-        if link == "loopback":
-            launch, command, run_env = contextlib.nullcontext(), lambda _: _command(impl, args.np, module), env
-        else:
-            launch, command, run_env = _on_hosts(impl, args.np, module, env)
-        with launch as gloo:
-            proc = subprocess.run(command(gloo), capture_output=True, text=True, env=run_env, timeout=args.timeout)
+        with _launch(impl, link, args.np, module, env) as (command, run_env):
+            proc = subprocess.run(command, capture_output=True, text=True, env=run_env, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} over {link} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         results.append(json.loads((out / _result_name(impl, args.np, link, args.dtype)).read_text()))

@@ -158,10 +158,9 @@ def _ddp(link: str, hook: str, scratch: Path, job: list[str]) -> dict:
     env = dict(os.environ)
     if link == "loopback":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}", *worker]
-    else:  # rank 0's namespace host is the rendezvous; gloo talks over the capped veth
-        env.update(MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29531", GLOO_SOCKET_IFNAME="eth0")
-        command = [*links.mpirun_in_namespaces(RANKS, ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME")),
-                   sys.executable, *worker]
+    else:
+        env.update(links.torch_distributed_env())
+        command = [*links.mpirun_in_namespaces(RANKS, tuple(links.torch_distributed_env())), sys.executable, *worker]
     return _run(command, f"ddp:{hook}", run_dir, env)
 
 

@@ -31,6 +31,12 @@ def mpirun_in_namespaces(ranks: int, exports: tuple[str, ...] = (), env: Mapping
     return [*command, "bash", str(HOSTS), "pin" if gloo is None else "gloo"]
 
 
+def torch_distributed_env() -> dict[str, str]:
+    """torch.distributed's gloo on the namespace hosts (started by mpirun): the rendezvous on rank 0's
+    host, the traffic over the capped veth. Export these names to the ranks."""
+    return {"MASTER_ADDR": HOST_ADDRESSES[0], "MASTER_PORT": "29531", "GLOO_SOCKET_IFNAME": "eth0"}
+
+
 @contextlib.contextmanager
 def horovod_over_gloo(ranks: int) -> Iterator[dict[str, str]]:
     """The variables that make ranks on the namespace hosts (one each) run Horovod over Gloo, as

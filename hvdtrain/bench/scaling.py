@@ -140,9 +140,9 @@ def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline
         if link != "loopback":  # one rank per namespace host, started by mpirun; gloo (DDP) over the capped veth
             from hvdtrain.bench import links
 
-            env.update(MASTER_ADDR=links.HOST_ADDRESSES[0], MASTER_PORT="29532", GLOO_SOCKET_IFNAME="eth0")
+            env.update(links.torch_distributed_env())
             rendezvous = job.enter_context(links.horovod_over_gloo(np)) if gloo else None
-            command = [*links.mpirun_in_namespaces(np, ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
+            command = [*links.mpirun_in_namespaces(np, (*links.torch_distributed_env(),
                                                         *(k for k in env if k.startswith("HOROVOD_"))),
                                                    gloo=rendezvous), *module]
         elif mode.startswith("horovod"):
