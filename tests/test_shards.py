@@ -14,7 +14,7 @@ from hvdtrain.config import DataConfig
 from hvdtrain.data import Dataset
 from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import open_set
-from hvdtrain.shards.plan import ShardPlan, eval_segments
+from hvdtrain.shards.plan import Segment, ShardPlan, eval_segments
 from hvdtrain.shards.reader import ShardReader, raw_layout
 from conftest import REPO, run, BIN
 
@@ -173,7 +173,7 @@ def test_users_hdf5_files_any_layout(tmp_path):
 
 
 def test_unfiltered_shards_are_read_raw_and_match_hdf5(tmp_path):
-    """preadv at HDF5's chunk offsets returns exactly what h5py returns, edge chunks included."""
+    """Copies from the file's map at HDF5's chunk offsets return exactly what h5py returns, edge chunks included."""
     x, y = id_arrays(101, shape=(3, 2))
     layouts = [dict(chunks=(8, 3, 2)), dict(), dict(chunks=(8, 3, 2), compression="gzip"), dict(chunks=(8, 1, 2))]
     for i, layout in enumerate(layouts):
@@ -182,8 +182,9 @@ def test_unfiltered_shards_are_read_raw_and_match_hdf5(tmp_path):
             handle.create_dataset("y", data=y)
     shard_set = open_set(str(tmp_path / "part-*.h5"))
     reader = ShardReader(shard_set)
-    raw = [reader._shard(i).layout is not None for i in range(4)]
+    raw = [reader._shard(i).x_layout is not None for i in range(4)]
     assert raw == [True, True, False, False]  # chunked, contiguous; gzip and split samples go through HDF5
+    assert all(reader._shard(i).y_layout is not None for i in range(4))  # contiguous labels: raw too
     plan = ShardPlan(shard_set.counts, shard_set.block_samples(), 7, 0, 1, seed=3, window_batches=2)
     for window in plan.windows(0):
         got, labels = reader.read_window(window)
@@ -193,6 +194,19 @@ def test_unfiltered_shards_are_read_raw_and_match_hdf5(tmp_path):
         layout = raw_layout(handle, handle["x"], np.dtype("float32"))
         assert len(layout.offsets) == 13 and (layout.offsets > 0).all()
         assert raw_layout(handle, handle["x"], np.dtype("float64")) is None  # h5py converts dtypes
+
+
+def test_a_map_shorter_than_the_samples_is_one_clear_error_not_a_crash(tmp_path):
+    """A read past the end of a file's map would kill the process (SIGBUS); it is checked first."""
+    x, y = id_arrays(40, shape=(3, 2))
+    with h5py.File(tmp_path / "part.h5", "w") as handle:
+        handle.create_dataset("x", data=x, chunks=(8, 3, 2))
+        handle.create_dataset("y", data=y)
+    reader = ShardReader(open_set(str(tmp_path / "part.h5")))
+    opened = reader._shard(0)
+    opened.bytes = opened.bytes[:int(opened.x_layout.offsets[-1]) + 8]  # as if cut inside the last chunk
+    with pytest.raises(ConfigError, match=r"part.h5: cannot read samples 32..40 .*the file ends at byte"):
+        reader.read([Segment(0, 32, 40)])
 
 
 def test_batches_a_caller_keeps_are_never_overwritten(tmp_path):

@@ -5,13 +5,16 @@ across fork shares HDF5 library state with the parent and corrupts reads. The re
 its handles, so it can be sent to DataLoader worker processes.
 
 Samples of an unfiltered dataset (no compression, checksum or shuffle filter; contiguous, or chunked
-with whole samples per chunk) are read with `os.preadv` at the file offsets HDF5 reports for its chunks.
-h5py serialises every call on one lock and holds the GIL while HDF5 reads, so a read-ahead thread
-reading through h5py stalls the training thread; `preadv` releases the GIL. HDF5 still opens, checks
-and describes every file; filtered or unusual layouts are read through h5py.
+with whole samples per chunk) are copied from a read-only memory map of the file, at the offsets HDF5
+reports for its chunks. h5py serialises every call on one lock and holds the GIL while HDF5 reads, so a
+read-ahead thread reading through h5py stalls the training thread; NumPy's copy releases the GIL. A
+map, unlike `preadv`, costs no system call and no page-cache lookup per read once its pages are mapped
+(once per process): from a warm page cache the copy then runs at the rate of a sequential read. HDF5
+still opens, checks and describes every file; filtered or unusual layouts are read through h5py.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import sys
@@ -27,7 +30,7 @@ from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_h5
 from hvdtrain.shards.plan import Segment, Window
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # iovecs per preadv
+PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,20 @@ def _read_hdf5(dataset: h5py.Dataset, source, target: np.ndarray, place) -> None
 
 
 class _OpenShard:
-    """One shard's open handles in this process."""
+    """One shard's open handles in this process: HDF5's, and a map of the file where samples or labels
+    can be copied raw."""
 
-    def __init__(self, handle: h5py.File, x: h5py.Dataset, y: h5py.Dataset, dtype: np.dtype, one_sample: bool):
+    def __init__(self, handle: h5py.File, x: h5py.Dataset, y: h5py.Dataset, x_dtype: np.dtype, y_dtype: np.dtype,
+                 one_sample: bool):
         self.handle, self.x, self.y, self.one_sample = handle, x, y, one_sample
-        self.layout = raw_layout(handle, x, dtype, one_sample)
-        self.raw = open(handle.filename, "rb", buffering=0) if self.layout is not None else None
+        self.x_layout = raw_layout(handle, x, x_dtype, one_sample)
+        self.y_layout = raw_layout(handle, y, y_dtype, one_sample)
+        self.mapping: Optional[mmap.mmap] = None  # the whole file, read-only
+        if self.x_layout is not None or self.y_layout is not None:
+            with open(handle.filename, "rb") as raw:
+                if os.fstat(raw.fileno()).st_size:
+                    self.mapping = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
+        self.bytes = None if self.mapping is None else np.frombuffer(self.mapping, np.uint8)
 
 
 class ShardReader:
@@ -125,15 +136,17 @@ class ShardReader:
             handle = open_h5(self.shard_set.shard_path(shard), rdcc_nbytes=max(1 << 20, 4 * chunk_bytes),
                              rdcc_nslots=10007)
             opened = _OpenShard(handle, handle[self.shard_set.x_key], handle[self.shard_set.y_key],
-                                np.dtype(self.shard_set.x_dtype), self.shard_set.one_sample)
+                                np.dtype(self.shard_set.x_dtype), np.dtype(self.shard_set.y_dtype),
+                                self.shard_set.one_sample)
             self._open[shard] = opened
         return opened
 
-    def _raw_ranges(self, opened: _OpenShard, segment: Segment) -> Optional[list[tuple[int, int]]]:
-        """(file offset, bytes) of the segment's samples, chunk by chunk, in sample order; None when some
-        chunk must go through HDF5 (a filtered or unwritten one)."""
-        layout, sample_bytes = opened.layout, self.shard_set.sample_bytes
-        if layout is None:
+    @staticmethod
+    def _raw_ranges(opened: _OpenShard, layout: Optional[RawLayout], item_bytes: int,
+                    segment: Segment) -> Optional[list[tuple[int, int]]]:
+        """(file offset, bytes) of the segment's samples (or labels: `layout` and `item_bytes` say which),
+        chunk by chunk (adjacent chunks merged), in sample order; None when some chunk must go through HDF5 (a filtered or unwritten one)."""
+        if layout is None or opened.bytes is None:
             return None
         chunk = layout.chunk_samples
         first, last = segment.start // chunk, (segment.stop - 1) // chunk
@@ -143,44 +156,45 @@ class ShardReader:
         while start < segment.stop:
             c = start // chunk
             stop = min((c + 1) * chunk, segment.stop)
-            ranges.append((int(layout.offsets[c]) + (start - c * chunk) * sample_bytes, (stop - start) * sample_bytes))
+            position, length = int(layout.offsets[c]) + (start - c * chunk) * item_bytes, (stop - start) * item_bytes
+            if ranges and sum(ranges[-1]) == position:  # chunks that follow each other in the file: one range
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+            else:
+                ranges.append((position, length))
             start = stop
         return ranges
 
-    def _read_raw(self, opened: _OpenShard, segment: Segment, x: np.ndarray, rows: np.ndarray) -> bool:
-        """preadv the segment's samples straight into rows `rows` of x (one iovec per sample, unless the rows
-        follow each other); False when some chunk must go through HDF5."""
-        ranges = self._raw_ranges(opened, segment) if x.flags.c_contiguous else None
+    def _read_raw(self, opened: _OpenShard, layout: Optional[RawLayout], segment: Segment, target: np.ndarray,
+                  rows: np.ndarray) -> bool:
+        """Copy the segment's samples (or labels) from the file's map straight into rows `rows` of target,
+        one NumPy copy per chunk; False when some chunk must go through HDF5."""
+        item_bytes = target[:1].nbytes
+        ranges = self._raw_ranges(opened, layout, item_bytes, segment) if target.flags.c_contiguous else None
         if ranges is None:
             return False
-        sample_bytes = self.shard_set.sample_bytes
-        dest = memoryview(x.reshape(-1).view(np.uint8))
+        dest = target.reshape(len(target), -1).view(np.uint8)
         done = 0
         for position, want in ranges:
-            count = want // sample_bytes
+            if position + want > len(opened.bytes):  # a map read past the end would be SIGBUS, not an error
+                raise OSError(f"the file ends at byte {len(opened.bytes)}, its data go to {position + want} "
+                              f"(truncated?)")
+            count = want // item_bytes
             part = rows[done:done + count]
             run = _as_slice(part)
-            if run is not None:
-                vectors = [dest[run.start * sample_bytes:run.stop * sample_bytes]]
-            else:
-                vectors = [dest[r * sample_bytes:(r + 1) * sample_bytes] for r in part.tolist()]
-            for first in range(0, len(vectors), IOV_MAX):
-                batch = vectors[first:first + IOV_MAX]
-                expected = sum(len(v) for v in batch)
-                got = os.preadv(opened.raw.fileno(), batch, position)
-                if got != expected:
-                    raise OSError(f"short read: {got} of {expected} bytes (file truncated?)")
-                position += got
+            dest[part if run is None else run] = opened.bytes[position:position + want].reshape(count, item_bytes)
             done += count
         return True
 
     def advise(self, segments: Sequence[Segment]) -> None:
-        """posix_fadvise(WILLNEED) on the segments' bytes: from a cold page cache the kernel then reads
-        them all at once, in its own order, instead of one preadv at a time (no-op where cached)."""
+        """madvise(WILLNEED) on the segments' samples: from a cold page cache the kernel then reads them
+        all at once, in its own order, instead of one page fault at a time (no-op where cached)."""
         for segment in segments:
             opened = self._shard(segment.shard)
-            for position, length in self._raw_ranges(opened, segment) or ():
-                os.posix_fadvise(opened.raw.fileno(), position, length, os.POSIX_FADV_WILLNEED)
+            for position, length in self._raw_ranges(opened, opened.x_layout, self.shard_set.sample_bytes,
+                                                     segment) or ():
+                start, end = position // PAGE * PAGE, min(position + length, len(opened.mapping))
+                if start < end:  # past the end of a truncated file, the read reports it
+                    opened.mapping.madvise(mmap.MADV_WILLNEED, start, end - start)
 
     def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray,
                   rows: Optional[np.ndarray] = None) -> int:
@@ -200,14 +214,16 @@ class ShardReader:
             path = self.shard_set.shard_path(segment.shard)
             try:
                 if opened.one_sample:  # the file's whole dataset is one sample
-                    if not self._read_raw(opened, segment, x, seg_rows):
+                    if not self._read_raw(opened, opened.x_layout, segment, x, seg_rows):
                         x[seg_rows[0]] = opened.x[()]
-                    y[seg_rows[0]] = opened.y[()]
+                    if not self._read_raw(opened, opened.y_layout, segment, y, seg_rows):
+                        y[seg_rows[0]] = opened.y[()]
                 else:
                     source = np.s_[segment.start:segment.stop]
-                    if not self._read_raw(opened, segment, x, seg_rows):
+                    if not self._read_raw(opened, opened.x_layout, segment, x, seg_rows):
                         _read_hdf5(opened.x, source, x, place)
-                    _read_hdf5(opened.y, source, y, place)
+                    if not self._read_raw(opened, opened.y_layout, segment, y, seg_rows):
+                        _read_hdf5(opened.y, source, y, place)
             except (OSError, ValueError, TypeError) as exc:
                 raise ConfigError(f"{path}: cannot read samples {segment.start}..{segment.stop} "
                                   f"(corrupt or truncated shard: {exc})") from None
@@ -258,11 +274,11 @@ def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_siz
                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches of the windows, in order, with the next window read by a thread while these are cut.
 
-    Each window is read in its shuffled order (`read_into`'s rows): preadv puts every sample straight into
-    its batch row, and the batches are views of the window buffer, so a sample is copied once, from the
-    page cache. Three window buffers rotate (RecycledBuffers: callers may keep batches): the one being cut,
-    the one being read, and the one before, whose last batch the caller may still hold. preadv releases
-    the GIL, so reading overlaps training. `first_batch(window)` skips that many batches of a window (resuming mid-window).
+    Each window is read in its shuffled order (`read_into`'s rows): every sample is copied straight from
+    the page cache into its batch row, and the batches are views of the window buffer, so a sample is
+    copied once. Three window buffers rotate (RecycledBuffers: callers may keep batches): the one being
+    cut, the one being read, and the one before, whose last batch the caller may still hold. The copy
+    releases the GIL, so reading overlaps training. `first_batch(window)` skips that many batches of a window (resuming mid-window).
     """
     if not windows:
         return
