@@ -121,3 +121,25 @@ def test_compression_bench_against_ddp_on_loopback(tmp_path):
     assert [r["elements"] for r in result["selection"]] == [1_000_000, 6_400_000, 25_000_000]
     assert (tmp_path / "compression-loopback.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {t["target"] for t in result["targets"]} >= {"loopback hvdtrain none step speed / ddp:none"}
+
+
+def test_loader_bench_reads_every_batch_cold_and_warm_and_reports_each_pass(tmp_path):
+    out = tmp_path / "loader.json"
+    done = hvdtrain("bench", "loader", "--dir", str(tmp_path / "set"), "--size-gb", "0.02", "--workers", "0,1",
+                    "--epochs", "2", "--naive-seconds", "0.5", "--out", str(out), timeout=300)
+    report = json.loads(out.read_text())
+    index = json.loads((tmp_path / "set/train/index.json").read_text())
+    epoch = index["total"] // 32 * 32  # one rank's epoch in whole batches of 32
+    for workers in (0, 1):
+        name = f"hvdtrain shuffled, workers={workers}"
+        cold, warm = report["results"]["cold"][name], report["results"]["warm"][name]
+        assert cold["samples"] == epoch - 32 and warm["samples"] == 2 * epoch - 32  # the first batch is not timed
+        assert len(warm["passes_samples_per_s"]) == 2 and min(warm["passes_samples_per_s"]) > 0
+        if cold["resident_before"] is not None:
+            assert cold["resident_before"] < 0.05  # evicted: the cold pass reads from the disk
+        ratios = report["ratios"]["warm"][f"workers={workers}"]
+        assert {"vs_limit", "vs_limit_after_first_pass", "vs_memcpy", "vs_naive_same_workers"} <= set(ratios)
+    assert len(report["results"]["warm"]["sequential read (limit)"]["passes_samples_per_s"]) == 2
+    assert {t["target"] for t in report["targets"]} >= {"cold workers=0 hvdtrain / sequential read",
+                                                        "warm workers=1 hvdtrain / sequential read"}
+    assert "after the first pass" in done.stdout

@@ -44,17 +44,27 @@ def ensure_set(directory: Path, size_gb: float, shape: tuple[int, ...], shards: 
     return train
 
 
-def _timed(batches: Iterator, limit_s: float, sample_bytes: int) -> tuple[float, float]:
+def _timed(batches: Iterator, limit_s: float, sample_bytes: int,
+           per_pass: float = float("inf")) -> tuple[float, float, list[float]]:
     """Samples (bytes / sample bytes) and seconds from the first batch on: start-up (worker processes) is
-    reported apart."""
+    reported apart. Also samples/s of each whole pass of `per_pass` samples (the first from its second
+    batch on): one-time costs (maps, fresh buffers) fall in the first."""
     batches = iter(batches)
-    next(batches)
+    # samples since the start, the untimed first batch included; the batch itself is not kept: a loader
+    # that recycles its buffers must allocate a fresh one while a caller holds an old batch
+    seen = next(batches)[0].nbytes / sample_bytes
     samples, started = 0.0, time.perf_counter()
+    passes, mark_samples, mark_time = [], 0.0, started
     for x, _ in batches:
         samples += x.nbytes / sample_bytes
+        seen += x.nbytes / sample_bytes
+        if seen >= (len(passes) + 1) * per_pass - 0.5:
+            now = time.perf_counter()
+            passes.append((samples - mark_samples) / (now - mark_time))
+            mark_samples, mark_time = samples, now
         if time.perf_counter() - started > limit_s:
             break
-    return samples, time.perf_counter() - started
+    return samples, time.perf_counter() - started, passes
 
 
 def set_files(train: Path) -> list[Path]:
@@ -153,6 +163,13 @@ def hvdtrain_loader(train: Path, batch: int, workers: int, buffer_mb: float, epo
 LIMIT = "sequential read (limit)"
 
 
+def _later_passes(result: dict) -> float:
+    """samples/s over the passes after the first (NaN with one pass): what a long training run sees once
+    the first pass has paid for maps and buffers."""
+    later = result["passes_samples_per_s"][1:]
+    return len(later) / sum(1 / rate for rate in later) if later else float("nan")
+
+
 def run(directory: Path, size_gb: float, batch: int, workers: list[int], naive_seconds: float,
         buffer_mb: float, epochs: int, out: Path | None) -> dict:
     import torch
@@ -165,17 +182,22 @@ def run(directory: Path, size_gb: float, batch: int, workers: list[int], naive_s
     report = {"set": str(train), "size_gb": size_gb, "batch": batch, "shuffle_buffer_mb": buffer_mb, "epochs": epochs,
               "results": {"cold": {}, "warm": {}}, "ratios": {"cold": {}, "warm": {}}}
 
-    def measure(state: str, name: str, make: Callable[[], Iterator], limit_s: float = float("inf")) -> None:
+    set_samples = sum(path.stat().st_size for path in set_files(train)) / sample_bytes  # the limit's pass
+    loader_samples = open_set(str(train)).total // batch * batch  # one rank's epoch: whole batches
+
+    def measure(state: str, name: str, make: Callable[[], Iterator], limit_s: float = float("inf"),
+                per_pass: float = float("inf")) -> None:
         resident = None
         if state == "cold":
             evict(train)
             resident = resident_fraction(train)
-        samples, seconds = _timed(make(), limit_s, sample_bytes)
+        samples, seconds, passes = _timed(make(), limit_s, sample_bytes, per_pass)
         report["results"][state][name] = {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
-                                          "resident_before": resident}
+                                          "resident_before": resident, "passes_samples_per_s": passes}
         cached = f", {100 * resident:.0f}% of the set cached before" if resident is not None else ""
+        by_pass = f"; by pass: {', '.join(f'{rate:.0f}' for rate in passes)}" if len(passes) > 1 else ""
         print(f"{state} {name:34s} {samples / seconds:10.0f} samples/s  ({samples:.0f} samples in {seconds:.1f} s"
-              f"{cached})", flush=True)
+              f"{cached}{by_pass})", flush=True)
 
     # Cold: one pass each (a second would read from the cache the first filled).
     measure("cold", LIMIT, lambda: sequential_read(train))
@@ -183,9 +205,10 @@ def run(directory: Path, size_gb: float, batch: int, workers: list[int], naive_s
         measure("cold", f"hvdtrain shuffled, workers={w}", lambda w=w: hvdtrain_loader(train, batch, w, buffer_mb))
     # Warm: several epochs, as in training: one-time costs (buffers, worker start-up) are amortised alike.
     _timed(sequential_read(train), float("inf"), sample_bytes)
-    measure("warm", LIMIT, lambda: sequential_read(train, epochs))
+    measure("warm", LIMIT, lambda: sequential_read(train, epochs), per_pass=set_samples)
     for w in workers:
-        measure("warm", f"hvdtrain shuffled, workers={w}", lambda w=w: hvdtrain_loader(train, batch, w, buffer_mb, epochs))
+        measure("warm", f"hvdtrain shuffled, workers={w}", lambda w=w: hvdtrain_loader(train, batch, w, buffer_mb, epochs),
+                per_pass=loader_samples)
     for w in workers:
         measure("warm", f"naive ds[i], workers={w}", lambda w=w: naive_loader(train, batch, w), naive_seconds)
     memcpy = memcpy_bytes_per_s()
@@ -200,6 +223,10 @@ def run(directory: Path, size_gb: float, batch: int, workers: list[int], naive_s
             line = (f"{state} workers={w}: hvdtrain / sequential read = {ours / limit:.2f}x "
                     f"{targets.check(f'{state} workers={w} hvdtrain / sequential read', ours / limit, '>=', 0.9)}")
             if state == "warm":
+                later = _later_passes(results[f"hvdtrain shuffled, workers={w}"]) / _later_passes(results[LIMIT])
+                if later == later:  # not NaN: both ran more than one pass
+                    ratios["vs_limit_after_first_pass"] = later
+                    line += f"; after the first pass {later:.2f}x"
                 ratios["vs_memcpy"] = ours / report["memcpy_samples_per_s"]
                 ratios["vs_naive_same_workers"] = ours / results[f"naive ds[i], workers={w}"]["samples_per_s"]
                 line += (f", / memcpy = {ratios['vs_memcpy']:.2f}x, / naive = {ratios['vs_naive_same_workers']:.1f}x "
