@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -75,9 +74,9 @@ def worker(args: argparse.Namespace) -> None:
     from hvdtrain.bench import end_torch_distributed
     from hvdtrain.data import Dataset
     from hvdtrain.torch.trainer import build_model
+    from hvdtrain.world import world
 
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
-    size = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", 1)))
+    rank, size = world.rank, world.size  # no Horovod here: the launcher's (mpirun's or the bench's RANK)
     cfg = config.load(None, args.override)
     torch.set_num_threads(1)  # one core per rank, as the hvdtrain runs it is compared with
     dist.init_process_group("gloo", rank=rank, world_size=size)
