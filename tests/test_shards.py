@@ -2,6 +2,7 @@
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 
 import h5py
@@ -348,3 +349,29 @@ def test_elastic_rounds_never_repeat_or_skip_across_resizes(counts, block, batch
         position += windows[0][1]
     assert len(seen) == len(set(seen))
     assert sum(counts) - len(seen) < size * batch  # the epoch ended: what is left cannot fill one global batch
+
+
+def test_thousands_of_one_sample_files_are_read_within_a_small_descriptor_limit(tmp_path):
+    """One-sample-per-file sets (DeepCAM's layout) have more files than a process may open (1024 is a
+    common limit): the reader keeps a bounded number open and reads every file once per epoch."""
+    for i in range(300):
+        with h5py.File(tmp_path / f"s{i:04d}.h5", "w") as handle:
+            handle["x"] = np.full((2, 3), i, np.float32)
+            handle["y"] = np.int64(i % 3)
+    script = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from hvdtrain.config import DataConfig
+from hvdtrain.data import Dataset
+from hvdtrain.shards.reader import open_shard_limit
+dataset = Dataset(DataConfig(source="hdf5", train={str(tmp_path)!r}, test={str(tmp_path)!r}, one_sample_per_file=True), 0)
+rank_data = dataset.for_rank(10, 0, 1)
+ids = [int(v) for x, y in rank_data.batches(0, rank_data.steps_per_epoch) for v in x[:, 0, 0]]
+labels = [int(v) for x, y in rank_data.batches(0, rank_data.steps_per_epoch) for v in y]
+assert sorted(ids) == list(range(300)), sorted(ids)[:10]
+assert sorted(labels) == sorted(i % 3 for i in range(300))
+print("limit", open_shard_limit(), "open", len(rank_data.train_reader._open))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["limit", "8", "open", "8"]

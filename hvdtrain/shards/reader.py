@@ -17,8 +17,10 @@ from __future__ import annotations
 import mmap
 import os
 import queue
+import resource
 import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -31,6 +33,13 @@ from hvdtrain.shards.index import ShardSet, open_h5
 from hvdtrain.shards.plan import Segment, Window
 
 PAGE = mmap.PAGESIZE
+
+
+def open_shard_limit() -> int:
+    """Shards one reader keeps open at a time. Each holds two file descriptors (HDF5's and its map's), and
+    a process may have few (1024 is a common limit on clusters): one-sample-per-file sets have thousands."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1024 if soft == resource.RLIM_INFINITY else max(8, min(1024, soft // 8))
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,12 @@ class _OpenShard:
                     self.mapping = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
         self.bytes = None if self.mapping is None else np.frombuffer(self.mapping, np.uint8)
 
+    def close(self) -> None:
+        self.bytes = None  # the map's only view: it must go before the map closes
+        if self.mapping is not None:
+            self.mapping.close()
+        self.handle.close()
+
 
 class ShardReader:
     """Reads samples as stored (dtype, layout) and labels as the task has them (int64 classes, float32 values),
@@ -114,11 +129,11 @@ class ShardReader:
         self.task = tasks.get(task)
         self.num_classes = shard_set.num_classes if num_classes is None else num_classes
         self.allocate = np.empty  # the batch buffers' allocator (page-locked memory on GPU nodes)
-        self._open: dict[int, _OpenShard] = {}
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # least recently used first
         self._pid: Optional[int] = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": {}, "_pid": None, "allocate": np.empty}
+        return {**self.__dict__, "_open": OrderedDict(), "_pid": None, "allocate": np.empty}
 
     @property
     def label_dtype(self) -> np.dtype:
@@ -126,9 +141,11 @@ class ShardReader:
 
     def _shard(self, shard: int) -> _OpenShard:
         if self._pid != os.getpid():
-            self._open, self._pid = {}, os.getpid()  # never use handles from another process
+            self._open, self._pid = OrderedDict(), os.getpid()  # never use handles from another process
         opened = self._open.get(shard)
-        if opened is None:
+        if opened is not None:
+            self._open.move_to_end(shard)
+        else:
             info = self.shard_set.shards[shard]
             chunk_bytes = (info.chunk_samples or 1) * self.shard_set.sample_bytes
             # A chunk cache of a few chunks serves the partial chunks at block and window edges;
@@ -139,6 +156,8 @@ class ShardReader:
                                 np.dtype(self.shard_set.x_dtype), np.dtype(self.shard_set.y_dtype),
                                 self.shard_set.one_sample)
             self._open[shard] = opened
+            while len(self._open) > open_shard_limit():
+                self._open.popitem(last=False)[1].close()
         return opened
 
     @staticmethod
@@ -187,7 +206,10 @@ class ShardReader:
 
     def advise(self, segments: Sequence[Segment]) -> None:
         """madvise(WILLNEED) on the segments' samples: from a cold page cache the kernel then reads them
-        all at once, in its own order, instead of one page fault at a time (no-op where cached)."""
+        all at once, in its own order, instead of one page fault at a time (no-op where cached). Skipped where
+        the segments span more files than stay open (small one-sample files): each would be opened twice."""
+        if len({segment.shard for segment in segments}) > open_shard_limit():
+            return
         for segment in segments:
             opened = self._shard(segment.shard)
             for position, length in self._raw_ranges(opened, opened.x_layout, self.shard_set.sample_bytes,
