@@ -56,6 +56,9 @@ def test_scaling_allreduce_and_report(tmp_path):
     # Horovod's timeline, on request: its negotiation and allreduce of the flat gradient buffer
     timeline = (out / "timeline-horovod-np2.json").read_text()
     assert "NEGOTIATE_ALLREDUCE" in timeline and "gradients.dense" in timeline
+    # the first job, started before anything had created the out directory, and Horovod over Gloo
+    assert (out / "timeline-horovod-np1.json").stat().st_size > 0
+    assert "NEGOTIATE_ALLREDUCE" in (out / "timeline-horovod-gloo-np2.json").read_text()
     assert not (out / "timeline-ddp-np2.json").exists()
     assert scaling["settings"]["horovod_env"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
 

@@ -135,6 +135,7 @@ def _launch(mode: str, np: int, worker_args: list[str], timeout: float, timeline
     env = dict(os.environ)
     if timeline is not None and mode.startswith("horovod"):
         env["HOROVOD_TIMELINE"] = str(timeline)  # Horovod's own trace of every collective (rank 0 writes it)
+        timeline.parent.mkdir(parents=True, exist_ok=True)  # Horovod writes none, silently, into no directory
     gloo = mode == "horovod-gloo"
     with contextlib.ExitStack() as job:
         if link != "loopback":  # one rank per namespace host, started by mpirun; gloo (DDP) over the capped veth
