@@ -210,6 +210,39 @@ def test_a_map_shorter_than_the_samples_is_one_clear_error_not_a_crash(tmp_path)
         reader.read([Segment(0, 32, 40)])
 
 
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's maps of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("budget", ["fits", "exceeded"])
+def test_copied_pages_stay_mapped_only_while_the_set_fits_the_budget(tmp_path, monkeypatch, budget):
+    """Mapped pages count in RSS: a set larger than the budget is unmapped window by window (the page
+    cache keeps it), one within it stays mapped for the next epoch."""
+    from hvdtrain.shards import reader as reader_module
+
+    x, y = id_arrays(64, shape=(32, 32))  # 4 KiB a sample
+    with h5py.File(tmp_path / "part.h5", "w") as handle:
+        handle.create_dataset("x", data=x, chunks=(8, 32, 32))
+        handle.create_dataset("y", data=y)
+    set_bytes = x.nbytes
+    monkeypatch.setattr(reader_module, "map_budget_bytes", lambda: set_bytes if budget == "fits" else set_bytes - 1)
+    reader = ShardReader(open_set(str(tmp_path / "part.h5")))
+    got, labels = reader.read([Segment(0, 0, 64)])
+    assert np.array_equal(got, x) and np.array_equal(labels, y)
+    resident = _mapped_kib(tmp_path / "part.h5")
+    if budget == "fits":
+        assert resident >= set_bytes // 1024
+    else:
+        assert resident < 16  # at most a page at either end of the dropped ranges
+
+
 def test_batches_a_caller_keeps_are_never_overwritten(tmp_path):
     x, y = id_arrays(400)
     np.savez(tmp_path / "ids.npz", x=x, y=y)

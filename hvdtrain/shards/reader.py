@@ -35,6 +35,16 @@ from hvdtrain.shards.plan import Segment, Window
 PAGE = mmap.PAGESIZE
 
 
+def map_budget_bytes() -> int:
+    """How much of its shard set a reader may keep mapped: an eighth of the node's memory, shared by the
+    ranks on the node. Mapped pages count in a process's RSS (top, Slurm's MaxRSS, RSS-based memory
+    limits), though they are the page cache's; beyond the budget each window's pages are unmapped once
+    copied, which costs a page fault per page at the next read (benchmarks/README.md has the cost)."""
+    from hvdtrain.world import world
+
+    return os.sysconf("SC_PHYS_PAGES") * PAGE // (8 * max(1, world.local_size))
+
+
 def open_shard_limit() -> int:
     """Shards one reader keeps open at a time. Each holds two file descriptors (HDF5's and its map's), and
     a process may have few (1024 is a common limit on clusters): one-sample-per-file sets have thousands."""
@@ -131,9 +141,10 @@ class ShardReader:
         self.allocate = np.empty  # the batch buffers' allocator (page-locked memory on GPU nodes)
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # least recently used first
         self._pid: Optional[int] = None
+        self._keep: Optional[bool] = None  # see _keep_mapped
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": OrderedDict(), "_pid": None, "allocate": np.empty}
+        return {**self.__dict__, "_open": OrderedDict(), "_pid": None, "_keep": None, "allocate": np.empty}
 
     @property
     def label_dtype(self) -> np.dtype:
@@ -202,7 +213,16 @@ class ShardReader:
             run = _as_slice(part)
             dest[part if run is None else run] = opened.bytes[position:position + want].reshape(count, item_bytes)
             done += count
+            if not self._keep_mapped():
+                start = position // PAGE * PAGE
+                opened.mapping.madvise(mmap.MADV_DONTNEED, start, position + want - start)  # the page cache keeps them
         return True
+
+    def _keep_mapped(self) -> bool:
+        """Whether copied pages stay mapped (the set fits map_budget_bytes), decided once per process."""
+        if self._keep is None:
+            self._keep = self.shard_set.total * self.shard_set.sample_bytes <= map_budget_bytes()
+        return self._keep
 
     def advise(self, segments: Sequence[Segment]) -> None:
         """madvise(WILLNEED) on the segments' samples: from a cold page cache the kernel then reads them
