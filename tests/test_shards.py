@@ -227,20 +227,20 @@ def test_copied_pages_stay_mapped_only_while_the_set_fits_the_budget(tmp_path, m
     cache keeps it), one within it stays mapped for the next epoch."""
     from hvdtrain.shards import reader as reader_module
 
-    x, y = id_arrays(64, shape=(32, 32))  # 4 KiB a sample
+    x, y = id_arrays(256, shape=(32, 32))  # 4 KiB a sample, 1 MiB in all
     with h5py.File(tmp_path / "part.h5", "w") as handle:
         handle.create_dataset("x", data=x, chunks=(8, 32, 32))
         handle.create_dataset("y", data=y)
     set_bytes = x.nbytes
     monkeypatch.setattr(reader_module, "map_budget_bytes", lambda: set_bytes if budget == "fits" else set_bytes - 1)
     reader = ShardReader(open_set(str(tmp_path / "part.h5")))
-    got, labels = reader.read([Segment(0, 0, 64)])
+    got, labels = reader.read([Segment(0, 0, 256)])
     assert np.array_equal(got, x) and np.array_equal(labels, y)
     resident = _mapped_kib(tmp_path / "part.h5")
     if budget == "fits":
         assert resident >= set_bytes // 1024
     else:
-        assert resident < 16  # at most a page at either end of the dropped ranges
+        assert resident <= 128  # what the kernel maps around a fault at the ends of the dropped ranges
 
 
 def test_batches_a_caller_keeps_are_never_overwritten(tmp_path):
