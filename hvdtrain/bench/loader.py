@@ -228,8 +228,8 @@ def run(directory: Path, size_gb: float, batch: int, workers: list[int], naive_s
     _timed(sequential_read(train), float("inf"), sample_bytes)
     measure("warm", SEQUENTIAL, lambda: sequential_read(train, epochs), per_pass=set_samples)
     for w in workers:
-        measure("warm", f"hvdtrain shuffled, workers={w}", lambda w=w: hvdtrain_loader(train, batch, w, buffer_mb, epochs),
-                per_pass=loader_samples)
+        measure("warm", f"hvdtrain shuffled, workers={w}",
+                lambda w=w: hvdtrain_loader(train, batch, w, buffer_mb, epochs), per_pass=loader_samples)
     for w in workers:
         measure("warm", f"naive ds[i], workers={w}", lambda w=w: naive_loader(train, batch, w), naive_seconds)
     memcpy = memcpy_bytes_per_s()

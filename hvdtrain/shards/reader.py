@@ -38,8 +38,8 @@ PAGE = mmap.PAGESIZE
 def small_page_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialised array in its own anonymous map, the default for window buffers. NumPy asks for
     transparent huge pages for large arrays, and filling fresh huge pages can stall (compaction on a
-    fragmented node; on this project's VM, 20x the time of 4 KiB pages): the first pass over the data
-    paid it for every window buffer. The copies into the buffer are no faster with huge pages."""
+    fragmented node; on this project's VM, far longer than 4 KiB pages: benchmarks/README.md): the first
+    pass over the data paid it for every window buffer. The copies are no faster into huge pages."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
     return np.frombuffer(mmap.mmap(-1, max(1, count * dtype.itemsize)), dtype, count).reshape(shape)
@@ -185,7 +185,8 @@ class ShardReader:
     def _raw_ranges(opened: _OpenShard, layout: Optional[RawLayout], item_bytes: int,
                     segment: Segment) -> Optional[list[tuple[int, int]]]:
         """(file offset, bytes) of the segment's samples (or labels: `layout` and `item_bytes` say which),
-        chunk by chunk (adjacent chunks merged), in sample order; None when some chunk must go through HDF5 (a filtered or unwritten one)."""
+        chunk by chunk (adjacent chunks merged), in sample order; None when some chunk must go through
+        HDF5 (a filtered or unwritten one)."""
         if layout is None or opened.bytes is None:
             return None
         chunk = layout.chunk_samples
@@ -207,7 +208,7 @@ class ShardReader:
     def _read_raw(self, opened: _OpenShard, layout: Optional[RawLayout], segment: Segment, target: np.ndarray,
                   rows: np.ndarray) -> bool:
         """Copy the segment's samples (or labels) from the file's map straight into rows `rows` of target,
-        one NumPy copy per chunk; False when some chunk must go through HDF5."""
+        one NumPy copy per run of adjacent chunks; False when some chunk must go through HDF5."""
         item_bytes = target[:1].nbytes
         ranges = self._raw_ranges(opened, layout, item_bytes, segment) if target.flags.c_contiguous else None
         if ranges is None:
@@ -330,7 +331,8 @@ def prefetched_batches(reader: ShardReader, windows: Sequence[Window], batch_siz
     the page cache into its batch row, and the batches are views of the window buffer, so a sample is
     copied once. Three window buffers rotate (RecycledBuffers: callers may keep batches): the one being
     cut, the one being read, and the one before, whose last batch the caller may still hold. The copy
-    releases the GIL, so reading overlaps training. `first_batch(window)` skips that many batches of a window (resuming mid-window).
+    releases the GIL, so reading overlaps training. `first_batch(window)` skips that many batches of a
+    window (resuming mid-window).
     """
     if not windows:
         return
