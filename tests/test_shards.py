@@ -127,19 +127,42 @@ def test_reader_returns_each_train_sample_once_per_epoch(id_shards):
 
 def test_workers_forked_after_reading_reopen_their_files(id_shards):
     """A reader used in the parent, then forked into DataLoader workers, reads the same windows."""
-    import torch
-    from hvdtrain.torch.data import WindowDataset
+    from hvdtrain.torch.data import windows_from_workers
 
     dataset = Dataset(DataConfig(source="hdf5", train=str(id_shards / "train"), test=str(id_shards / "test"),
                                  shuffle_buffer_mb=0.001), seed=1)
     rank_data = dataset.for_rank(4, 0, 1)
-    windows = rank_data.windows(0, rank_data.steps_per_epoch)
-    expected = [rank_data.train_reader.read_window(w)[0] for w in windows]  # opens handles in the parent
+    windows = 3 * rank_data.windows(0, rank_data.steps_per_epoch)  # more windows than lent buffers
+    expected = [rank_data.train_reader.read_window(w) for w in windows]  # opens handles in the parent
     assert rank_data.train_reader._open
-    loader = torch.utils.data.DataLoader(WindowDataset(rank_data.train_reader, windows), batch_size=None,
-                                         num_workers=2, multiprocessing_context=multiprocessing.get_context("fork"))
-    got = [x.numpy() for x, _ in loader]
-    assert all(np.array_equal(a, b) for a, b in zip(expected, got)) and len(got) == len(expected)
+    got = [(x.copy(), y.numpy()) for _, x, y in windows_from_workers(rank_data.train_reader, windows, workers=2,
+                                                                     context=multiprocessing.get_context("fork"))]
+    assert len(got) == len(expected)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(expected, got))
+
+
+def test_buffers_lent_to_workers_are_recycled_but_never_while_a_caller_holds_a_batch(id_shards, monkeypatch):
+    """Fresh shared memory per window costs more than the read: the buffers go round, except one whose
+    batches a caller still holds, which is replaced and left as it was."""
+    import torch
+    from hvdtrain.torch.data import windows_from_workers
+
+    made = []
+    share = torch.Tensor.share_memory_
+    monkeypatch.setattr(torch.Tensor, "share_memory_", lambda self: made.append(1) or share(self))
+    dataset = Dataset(DataConfig(source="hdf5", train=str(id_shards / "train"), test=str(id_shards / "test"),
+                                 shuffle_buffer_mb=0.001), seed=1)
+    rank_data = dataset.for_rank(4, 0, 1)
+    windows = 6 * rank_data.windows(0, rank_data.steps_per_epoch)
+    expected = [rank_data.train_reader.read_window(w)[0] for w in windows]
+    kept = []
+    for k, (window, x, _) in enumerate(windows_from_workers(rank_data.train_reader, windows, workers=1, prefetch=1)):
+        assert np.array_equal(x, expected[k])
+        if k % 5 == 0:
+            kept.append((k, x[:2]))  # a batch the caller keeps
+    # buffers: 1 worker x 1 window in flight, the one being cut and the one before; one more per kept window
+    assert len(windows) >= 18 and len(made) <= 3 + len(kept) < len(windows)
+    assert all(np.array_equal(batch, expected[k][:2]) for k, batch in kept)
 
 
 def test_tf_data_adapter_yields_the_torch_batches(id_shards):

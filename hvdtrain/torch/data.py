@@ -8,32 +8,76 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from hvdtrain.shards.plan import Window
-from hvdtrain.shards.reader import ShardReader, inverse_permutation
+from hvdtrain.shards.reader import RecycledBuffers, ShardReader, inverse_permutation
 
 
 class WindowDataset(TorchDataset):
-    """Item i is planned window i, read and shuffled in whichever process asks for it.
+    """Item (i, x) is planned window i, read in its shuffled order into x, a shared-memory tensor the
+    trainer lends, in whichever process asks for it; the item's value is the window's labels.
 
     A map-style dataset keeps the windows in plan order whatever the number of workers, so a run
-    is reproducible and resumable independently of `data.workers`.
+    is reproducible and resumable independently of `data.workers`. Each sample is copied once, from the
+    page cache into shared memory the trainer already has: nothing is sent back but the labels.
     """
 
-    def __init__(self, reader: ShardReader, windows: list[Window]):
-        self.reader, self.windows = reader, windows
+    def __init__(self, reader: ShardReader, windows: list[Window], keep: int = 0):
+        self.reader, self.windows, self.keep = reader, windows, keep
+        self._lent: list[torch.Tensor] = []  # the last buffers lent to this process, kept mapped
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: tuple[int, torch.Tensor]) -> torch.Tensor:
+        i, x = item
+        # Holding a lent buffer keeps its map in this worker: the next time it is lent, torch finds it
+        # by its file and the pages are already mapped.
+        self._lent = [x, *(t for t in self._lent if t.data_ptr() != x.data_ptr())][:max(1, self.keep)]
         window = self.windows[i]
         n, shard_set = window.num_samples, self.reader.shard_set
-        # Read straight into shared memory in the window's shuffled order: the tensor then crosses to the
-        # trainer without a copy, and the samples are copied once, from the page cache.
-        x = torch.from_numpy(np.empty((0,), shard_set.x_dtype)).new_empty((n, *shard_set.sample_shape))
-        x.share_memory_()
         y = np.empty((n, *shard_set.label_shape), shard_set.y_dtype)
-        self.reader.read_into(window.segments, x.numpy(), y, inverse_permutation(window.order))
-        return x, torch.from_numpy(y.astype(self.reader.label_dtype, copy=False))
+        self.reader.read_into(window.segments, x.numpy()[:n], y, inverse_permutation(window.order))
+        return torch.from_numpy(y.astype(self.reader.label_dtype, copy=False))
+
+
+class _Lending(torch.utils.data.Sampler):
+    """DataLoader's indices: (window, buffer) pairs, the buffer taken when the index is handed to a
+    worker. Fresh shared memory costs more than the read (page faults, zero-fill), so buffers are
+    recycled: a buffer is lent again only once no window in flight and no batch a caller holds uses it
+    (RecycledBuffers)."""
+
+    def __init__(self, windows: list[Window], pool: RecycledBuffers):
+        self.windows, self.pool = windows, pool
+        self.lent: dict[int, np.ndarray] = {}  # window -> its buffer, until the trainer has cut it
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __iter__(self):
+        for i in range(len(self.windows)):
+            (x,) = self.pool.take()
+            self.lent[i] = x
+            yield i, x.base  # the shared tensor behind the array: it crosses to the worker as shared memory
+
+
+def windows_from_workers(reader: ShardReader, windows: list[Window], workers: int, prefetch: int = 2,
+                         context="forkserver") -> Iterator[tuple[Window, np.ndarray, torch.Tensor]]:
+    """(window, samples, labels) of each window in order, read by DataLoader worker processes into
+    shared-memory buffers this process lends them. forkserver: workers never inherit Horovod's threads,
+    MPI state or open HDF5 handles."""
+    shard_set = reader.shard_set
+    capacity = max(w.num_samples for w in windows)
+    dtype = torch.from_numpy(np.empty(0, shard_set.x_dtype)).dtype
+    # windows in flight (prefetch per worker), the one being cut, and the one before (its last batch)
+    count = workers * prefetch + 2
+    pool = RecycledBuffers(count, lambda: (torch.empty((capacity, *shard_set.sample_shape), dtype=dtype)
+                                           .share_memory_().numpy(),))
+    lending = _Lending(windows, pool)
+    loader = DataLoader(WindowDataset(reader, windows, keep=count), batch_size=None, sampler=lending,
+                        num_workers=workers, prefetch_factor=prefetch, multiprocessing_context=context)
+    for i, y in enumerate(loader):
+        x = lending.lent.pop(i)
+        yield windows[i], x[:windows[i].num_samples], y
+        del x
 
 
 def pinned_empty(shape, dtype) -> np.ndarray:
@@ -52,10 +96,7 @@ def train_batches(rank_data, start_step: int, last_step: int, workers: int = 0,
             yield torch.from_numpy(x), torch.from_numpy(y)
         return
     windows = rank_data.windows(start_step, last_step)
-    # forkserver: workers never inherit Horovod's threads, MPI state or open HDF5 handles.
-    loader = DataLoader(WindowDataset(rank_data.train_reader, windows), batch_size=None, shuffle=False,
-                        num_workers=workers, prefetch_factor=prefetch, multiprocessing_context="forkserver")
-    for window, (x, y) in zip(windows, loader):
+    for window, x, y in windows_from_workers(rank_data.train_reader, windows, workers, prefetch):
         for x_batch, y_batch in rank_data.window_batches(window, x, y, start_step, last_step):
             yield torch.as_tensor(x_batch), torch.as_tensor(y_batch)
 
