@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import statistics
@@ -114,8 +115,6 @@ def sequential_read(train: Path, epochs: int = 1, block: int = 4 << 20) -> Itera
 def direct_read(train: Path, block: int = 16 << 20) -> Iterator[tuple[memoryview, None]]:
     """The disk's own rate: every file front to back with O_DIRECT (no page cache) into one reused,
     page-aligned buffer (dd iflag=direct). Raises OSError where the file system refuses O_DIRECT."""
-    import mmap
-
     buffer = mmap.mmap(-1, block)  # anonymous maps are page-aligned, as O_DIRECT requires
     for path in set_files(train):
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)

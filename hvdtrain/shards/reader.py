@@ -45,6 +45,13 @@ def small_page_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, max(1, count * dtype.itemsize)), dtype, count).reshape(shape)
 
 
+def _madvise(mapping: mmap.mmap, advice: int, position: int, length: int) -> None:
+    """madvise on the pages holding bytes [position, position + length) of a map, clipped to its end."""
+    start, end = position // PAGE * PAGE, min(position + length, len(mapping))
+    if start < end:
+        mapping.madvise(advice, start, end - start)
+
+
 def map_budget_bytes() -> int:
     """How much of its shard set a reader may keep mapped: an eighth of the node's memory, shared by the
     ranks on the node. Mapped pages count in a process's RSS (top, Slurm's MaxRSS, RSS-based memory
@@ -225,8 +232,7 @@ class ShardReader:
             dest[part if run is None else run] = opened.bytes[position:position + want].reshape(count, item_bytes)
             done += count
             if not self._keep_mapped():
-                start = position // PAGE * PAGE
-                opened.mapping.madvise(mmap.MADV_DONTNEED, start, position + want - start)  # the page cache keeps them
+                _madvise(opened.mapping, mmap.MADV_DONTNEED, position, want)  # the page cache keeps them
         return True
 
     def _keep_mapped(self) -> bool:
@@ -245,9 +251,7 @@ class ShardReader:
             opened = self._shard(segment.shard)
             for position, length in self._raw_ranges(opened, opened.x_layout, self.shard_set.sample_bytes,
                                                      segment) or ():
-                start, end = position // PAGE * PAGE, min(position + length, len(opened.mapping))
-                if start < end:  # past the end of a truncated file, the read reports it
-                    opened.mapping.madvise(mmap.MADV_WILLNEED, start, end - start)
+                _madvise(opened.mapping, mmap.MADV_WILLNEED, position, length)  # a truncated file: the read reports it
 
     def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray,
                   rows: Optional[np.ndarray] = None) -> int:

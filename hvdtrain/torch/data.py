@@ -66,11 +66,9 @@ def windows_from_workers(reader: ShardReader, windows: list[Window], workers: in
     MPI state or open HDF5 handles."""
     shard_set = reader.shard_set
     capacity = max(w.num_samples for w in windows)
-    dtype = torch.from_numpy(np.empty(0, shard_set.x_dtype)).dtype
     # windows in flight (prefetch per worker), the one being cut, and the one before (its last batch)
     count = workers * prefetch + 2
-    pool = RecycledBuffers(count, lambda: (torch.empty((capacity, *shard_set.sample_shape), dtype=dtype)
-                                           .share_memory_().numpy(),))
+    pool = RecycledBuffers(count, lambda: (shared_empty((capacity, *shard_set.sample_shape), shard_set.x_dtype),))
     lending = _Lending(windows, pool)
     loader = DataLoader(WindowDataset(reader, windows, keep=count), batch_size=None, sampler=lending,
                         num_workers=workers, prefetch_factor=prefetch, multiprocessing_context=context)
@@ -80,9 +78,18 @@ def windows_from_workers(reader: ShardReader, windows: list[Window], workers: in
         del x
 
 
+def _torch_dtype(dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
 def pinned_empty(shape, dtype) -> np.ndarray:
     """A NumPy array in page-locked memory, for host-to-GPU copies that do not block."""
-    return torch.empty(tuple(shape), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
+    return torch.empty(tuple(shape), dtype=_torch_dtype(dtype), pin_memory=True).numpy()
+
+
+def shared_empty(shape, dtype) -> np.ndarray:
+    """A NumPy array in shared memory; its `.base` is the tensor that crosses to worker processes."""
+    return torch.empty(tuple(shape), dtype=_torch_dtype(dtype)).share_memory_().numpy()
 
 
 def train_batches(rank_data, start_step: int, last_step: int, workers: int = 0,
