@@ -90,6 +90,8 @@ class DataConfig(_Section):
                                          "drop it, or pad it by wrapping to the epoch's start")
     shuffle_buffer_mb: float = Field(64, gt=0, description="samples are shuffled within windows this big")
     workers: int = Field(0, ge=0, description="DataLoader worker processes reading shards (0: in-process)")
+    read_threads: int = Field(0, ge=0, description="threads copying each window in-process (0: the rank's "
+                              "cores, at most 4); workers read with one each")
     prefetch: int = Field(2, ge=1, description="windows each worker reads ahead")
     verify: bool = Field(False, description="check shard checksums before training")
     audit: bool = Field(False, description="elastic training: log the sample ids each rank trained on to "

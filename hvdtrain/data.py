@@ -215,8 +215,11 @@ class Dataset:
                 raise ConfigError(f"{origin}: every label is 0; {self.task.name} needs at least 2 classes")
 
     def readers(self) -> tuple[ShardReader, ShardReader]:
-        return (ShardReader(self.train, self.task.name, self.num_classes),
-                ShardReader(self.test, self.task.name, self.num_classes))
+        readers = (ShardReader(self.train, self.task.name, self.num_classes),
+                   ShardReader(self.test, self.task.name, self.num_classes))
+        for reader in readers:
+            reader.copy_threads = self.cfg.read_threads
+        return readers
 
     def for_rank(self, batch_size: int, rank: int, size: int):
         if not hasattr(self, "train"):

@@ -60,18 +60,6 @@ def exchange_mode(cfg: Config, has_gpu: bool, over_gloo: bool = False) -> str:
     return "overlap" if has_gpu or (over_gloo and not elastic_launch()) else "flat"
 
 
-def threads_per_rank(local_size: int) -> int:
-    """Cores this rank may use: Slurm's --cpus-per-task, else its CPU binding if the launcher set one,
-    else an equal share of the node."""
-    allowed = len(os.sched_getaffinity(0))
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return max(1, min(allowed, int(os.environ["SLURM_CPUS_PER_TASK"])))
-    total = os.cpu_count() or allowed
-    if allowed < total:  # bound by mpirun/srun: the binding is already this rank's share
-        return allowed
-    return max(1, total // max(1, local_size))
-
-
 def limit_numpy_threads(threads: int) -> None:
     """NumPy's BLAS (PowerSGD's matrix products, in hvdtrain.exchange) to this rank's share of the cores.
     OpenBLAS starts one spinning thread per core it can see, so without this two ranks on a 2-core node

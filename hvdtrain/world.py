@@ -81,6 +81,18 @@ class World:
         return self._ask(3, "local_size")
 
     @property
+    def cores(self) -> int:
+        """Cores this rank may use: Slurm's --cpus-per-task, else its CPU binding if the launcher set one,
+        else an equal share of the node."""
+        allowed = len(os.sched_getaffinity(0))
+        if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+            return max(1, min(allowed, int(os.environ["SLURM_CPUS_PER_TASK"])))
+        total = os.cpu_count() or allowed
+        if allowed < total:  # bound by mpirun/srun: the binding is already this rank's share
+            return allowed
+        return max(1, total // max(1, self.local_size))
+
+    @property
     def collectives(self) -> str:
         """What Horovod's CPU collectives run over once it is up: "gloo" (horovodrun --gloo, elastic jobs)
         or "mpi"."""

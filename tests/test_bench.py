@@ -153,3 +153,15 @@ def test_loader_bench_reads_every_batch_cold_and_warm_and_reports_each_pass(tmp_
     assert {t["target"] for t in report["targets"]} >= {"cold workers=0 hvdtrain / sequential read",
                                                         "warm workers=1 hvdtrain / sequential read"}
     assert "after the first pass" in done.stdout
+    # each loader is also set against as many parallel readers as it uses cores (copy threads in-process)
+    from hvdtrain.shards.reader import copy_threads
+
+    assert report["readers"] == {"workers=0": copy_threads(), "workers=1": 1}
+    if copy_threads() > 1:
+        warm = report["results"]["warm"]
+        parallel = warm[f"sequential read, {copy_threads()} readers"]
+        # every byte once per pass, less the untimed first block (4 MiB at most, of 3x64x64 float32)
+        assert parallel["samples"] == pytest.approx(warm["sequential read"]["samples"], abs=(4 << 20) / 49152)
+        assert len(parallel["passes_samples_per_s"]) == 2
+        assert {"vs_same_readers", "vs_same_readers_after_first_pass"} <= set(report["ratios"]["warm"]["workers=0"])
+        assert f"/ {copy_threads()} readers = " in done.stdout

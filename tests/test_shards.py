@@ -220,6 +220,78 @@ def test_unfiltered_shards_are_read_raw_and_match_hdf5(tmp_path):
         assert raw_layout(handle, handle["x"], np.dtype("float64")) is None  # h5py converts dtypes
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_copy_threads_read_exactly_what_one_thread_reads(tmp_path, monkeypatch, threads):
+    """A window split across copy threads (raw maps and HDF5-filtered files mixed) gives the same rows as
+    one thread, each thread copying its own run of the file order; a thread's failure is the one-line error."""
+    import threading
+
+    from hvdtrain.shards import reader as reader_module
+
+    x, y = id_arrays(101, shape=(3, 2))
+    for i, layout in enumerate([dict(chunks=(8, 3, 2)), dict(chunks=(8, 3, 2), compression="gzip"), dict()]):
+        with h5py.File(tmp_path / f"part-{i}.h5", "w") as handle:
+            handle.create_dataset("x", data=x, **layout)
+            handle.create_dataset("y", data=y)
+    shard_set = open_set(str(tmp_path / "part-*.h5"))
+    monkeypatch.setattr(reader_module, "MIN_BYTES_PER_COPY_THREAD", 1)
+    reader = ShardReader(shard_set)
+    reader.copy_threads = threads
+    names = []  # the thread of each part read
+    copy = reader._read_pieces
+
+    def recording(*args):
+        names.append(threading.current_thread().name)
+        return copy(*args)
+
+    monkeypatch.setattr(reader, "_read_pieces", recording)
+    plan = ShardPlan(shard_set.counts, shard_set.block_samples(), 7, 0, 1, seed=5, window_batches=5)
+    for window in plan.windows(0):
+        assert reader._threads_for(window.segments) == threads
+        names.clear()
+        got, labels = reader.read_window(window)
+        assert len(names) == threads and names.count(threading.current_thread().name) == 1
+        assert sum(name.startswith("shard-copy") for name in names) == threads - 1
+        ids = plan.sample_ids(window)
+        assert np.array_equal(got, x[ids % 101]) and np.array_equal(labels, y[ids % 101])
+        single_x, single_y = reader.buffers(window.num_samples)
+        reader.read_into(window.segments, single_x, single_y, reader_module.inverse_permutation(window.order),
+                         threads=1)
+        assert np.array_equal(single_x, got) and np.array_equal(single_y, labels)
+
+    monkeypatch.setattr(reader_module, "MIN_BYTES_PER_COPY_THREAD", 10**9)
+    assert reader._threads_for(plan.windows(0)[0].segments) == 1  # too few bytes to split
+    monkeypatch.setattr(reader_module, "MIN_BYTES_PER_COPY_THREAD", 1)
+    monkeypatch.setattr(reader_module, "open_shard_limit", lambda: 2)
+    assert reader._threads_for([Segment(0, 0, 8), Segment(1, 0, 8), Segment(2, 0, 8)]) == 1  # more files than stay open
+    monkeypatch.undo()
+
+    reader = ShardReader(shard_set)
+    opened = reader._shard(2)
+    opened.bytes = opened.bytes[:int(opened.x_layout.offsets[-1]) + 8]  # the last file, read by the last thread
+    with pytest.raises(ConfigError, match=r"part-2.h5: cannot read samples .*the file ends at byte"):
+        reader.read_into([Segment(0, 0, 101), Segment(1, 0, 101), Segment(2, 0, 101)],
+                         *reader.buffers(303), threads=3)
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.integers(1, 5))
+def test_split_evenly_cuts_the_file_order_into_equal_runs(lengths, parts):
+    from hvdtrain.shards.reader import split_evenly
+
+    pieces, first = [], 0
+    for shard, n in enumerate(lengths):
+        pieces.append((Segment(shard, 3, 3 + n), np.arange(first, first + n)))
+        first += n
+    runs = split_evenly(pieces, parts)
+    total = sum(lengths)
+    sizes = [sum(len(segment) for segment, _ in run) for run in runs]
+    assert len(runs) == min(parts, total) and sum(sizes) == total and max(sizes) - min(sizes) <= 1
+    flat = [(segment.shard, sample, row) for run in runs for segment, rows in run
+            for sample, row in zip(range(segment.start, segment.stop), rows)]
+    assert flat == [(segment.shard, sample, row) for segment, rows in pieces
+                    for sample, row in zip(range(segment.start, segment.stop), rows)]  # same order, nothing lost
+
+
 def test_a_map_shorter_than_the_samples_is_one_clear_error_not_a_crash(tmp_path):
     """A read past the end of a file's map would kill the process (SIGBUS); it is checked first."""
     x, y = id_arrays(40, shape=(3, 2))

@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
             computed = time.perf_counter()
             optimizer.step()
             return computed - started, time.perf_counter() - computed
-    threads = args.threads or runtime.threads_per_rank(world.local_size)
+    threads = args.threads or world.cores
     torch.set_num_threads(threads)
     rank, size = world.rank, world.size
     generator = torch.Generator().manual_seed(rank)

@@ -21,6 +21,7 @@ import resource
 import sys
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -28,11 +29,14 @@ import h5py
 import numpy as np
 
 from hvdtrain import tasks
+from hvdtrain.world import world
 from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_h5
 from hvdtrain.shards.plan import Segment, Window
 
 PAGE = mmap.PAGESIZE
+MAX_COPY_THREADS = 4
+MIN_BYTES_PER_COPY_THREAD = 8 << 20  # below this, handing a part to a thread costs more than it saves
 
 
 def small_page_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -124,6 +128,31 @@ def _read_hdf5(dataset: h5py.Dataset, source, target: np.ndarray, place) -> None
         target[place] = dataset[source]
 
 
+def copy_threads(configured: int = 0) -> int:
+    """Threads a reader copies a large window with: `data.read_threads`, or (0) the rank's cores, at most
+    MAX_COPY_THREADS."""
+    return configured or min(MAX_COPY_THREADS, world.cores)
+
+
+def split_evenly(pieces: Sequence[tuple[Segment, np.ndarray]], parts: int) -> list[list[tuple[Segment, np.ndarray]]]:
+    """(segment, rows) pieces, in their order, cut into `parts` runs of equal sample counts (within one),
+    segments split where a run ends."""
+    total = sum(len(segment) for segment, _ in pieces)
+    runs: list[list[tuple[Segment, np.ndarray]]] = [[]]
+    ends = [total * k // parts for k in range(1, parts + 1)]
+    done = 0
+    for segment, rows in pieces:
+        start = segment.start
+        while start < segment.stop:
+            while done == ends[len(runs) - 1]:  # this run is full (or empty: fewer samples than parts)
+                runs.append([])
+            take = min(segment.stop - start, ends[len(runs) - 1] - done)
+            offset = start - segment.start
+            runs[-1].append((Segment(segment.shard, start, start + take), rows[offset:offset + take]))
+            start, done = start + take, done + take
+    return [run for run in runs if run]  # fewer samples than parts
+
+
 class _OpenShard:
     """One shard's open handles in this process: HDF5's, and a map of the file where samples or labels
     can be copied raw."""
@@ -156,20 +185,31 @@ class ShardReader:
         self.task = tasks.get(task)
         self.num_classes = shard_set.num_classes if num_classes is None else num_classes
         self.allocate = small_page_empty  # the window buffers' allocator (page-locked memory on GPU nodes)
+        self.copy_threads = 0  # threads copying a window (0: the rank's cores, at most MAX_COPY_THREADS)
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # least recently used first
+        self._opening = threading.Lock()  # copy threads open shards too
         self._pid: Optional[int] = None
         self._keep: Optional[bool] = None  # see _keep_mapped
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": OrderedDict(), "_pid": None, "_keep": None, "allocate": small_page_empty}
+        return {**self.__dict__, "_open": OrderedDict(), "_opening": None, "_pid": None, "_keep": None,
+                "_pool": None, "allocate": small_page_empty}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _opening=threading.Lock())
 
     @property
     def label_dtype(self) -> np.dtype:
         return self.task.label_dtype
 
     def _shard(self, shard: int) -> _OpenShard:
-        if self._pid != os.getpid():
-            self._open, self._pid = OrderedDict(), os.getpid()  # never use handles from another process
+        with self._opening:
+            return self._open_shard(shard)
+
+    def _open_shard(self, shard: int) -> _OpenShard:
+        if self._pid != os.getpid():  # never use handles, or threads, from another process
+            self._open, self._pid, self._pool = OrderedDict(), os.getpid(), None
         opened = self._open.get(shard)
         if opened is not None:
             self._open.move_to_end(shard)
@@ -253,18 +293,49 @@ class ShardReader:
                                                      segment) or ():
                 _madvise(opened.mapping, mmap.MADV_WILLNEED, position, length)  # a truncated file: the read reports it
 
+    def _threads_for(self, segments: Sequence[Segment]) -> int:
+        """Copy threads for these segments: as configured, bounded by their bytes, one where the segments span
+        more files than stay open (a thread could close a map another is copying from)."""
+        if len({segment.shard for segment in segments}) > open_shard_limit():
+            return 1
+        wanted = copy_threads(self.copy_threads)
+        total = sum(len(segment) for segment in segments) * self.shard_set.sample_bytes
+        return max(1, min(wanted, total // MIN_BYTES_PER_COPY_THREAD))
+
     def read_into(self, segments: Sequence[Segment], x: np.ndarray, y: np.ndarray,
-                  rows: Optional[np.ndarray] = None) -> int:
+                  rows: Optional[np.ndarray] = None, threads: Optional[int] = None) -> int:
         """Read the segments' samples into x and y: sample j of the segments (back to back) lands in row
         rows[j] (default: row j), so a shuffled window is read in its shuffled order without a second copy.
         Returns the sample count. The reads go in file order (each to its own place), which a disk serves
-        fastest."""
+        fastest. With `threads` (default: `_threads_for`) above one, each thread copies its own run of
+        that order, of about equal bytes: one core's copy falls short of the memory's bandwidth."""
         starts = np.concatenate([[0], np.cumsum([len(s) for s in segments])]).astype(int)
         if rows is None:
             rows = np.arange(starts[-1])
         self.advise(segments)
-        for i in sorted(range(len(segments)), key=lambda i: (segments[i].shard, segments[i].start)):
-            segment, seg_rows = segments[i], rows[starts[i]:starts[i + 1]]
+        order = sorted(range(len(segments)), key=lambda i: (segments[i].shard, segments[i].start))
+        pieces = [(segments[i], rows[starts[i]:starts[i + 1]]) for i in order]
+        threads = self._threads_for(segments) if threads is None else threads
+        if threads <= 1:
+            self._read_pieces(pieces, x, y)
+            return int(starts[-1])
+        parts = split_evenly(pieces, threads)
+        self._shard(segments[0].shard)  # in a forked child, this forgets the parent's handles and threads
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(MAX_COPY_THREADS - 1, thread_name_prefix="shard-copy")
+        futures = [self._pool.submit(self._read_pieces, part, x, y) for part in parts[1:]]
+        try:
+            self._read_pieces(parts[0], x, y)
+        finally:
+            failures = [future.exception() for future in futures]  # waits: all of them write into x
+        for failure in failures:
+            if failure is not None:
+                raise failure
+        return int(starts[-1])
+
+    def _read_pieces(self, pieces: Sequence[tuple[Segment, np.ndarray]], x: np.ndarray, y: np.ndarray) -> None:
+        """Each segment's samples into its rows of x and y."""
+        for segment, seg_rows in pieces:
             place = _as_slice(seg_rows)
             place = seg_rows if place is None else place  # a slice reads and checks in place, no copies
             opened = self._shard(segment.shard)
@@ -286,7 +357,6 @@ class ShardReader:
                                   f"(corrupt or truncated shard: {exc})") from None
             tasks.check_labels(self.task, y[place], self.num_classes,
                                f"{path}: samples {segment.start}..{segment.stop}")
-        return int(starts[-1])
 
     def buffers(self, n: int, allocate: Callable = np.empty) -> tuple[np.ndarray, np.ndarray]:
         """Arrays for n samples and labels; `allocate` makes the samples' (the batch allocator: `self.allocate`)."""

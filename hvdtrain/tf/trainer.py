@@ -310,7 +310,7 @@ def start_horovod(cfg: Config) -> int:
     runtime.configure_horovod_env(cfg.horovod, elastic=runtime.elastic_launch())
     hvd.init()
     world.attach(hvd)
-    threads = runtime.threads_per_rank(world.local_size)
+    threads = world.cores
     runtime.limit_numpy_threads(threads)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)

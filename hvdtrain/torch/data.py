@@ -35,7 +35,8 @@ class WindowDataset(TorchDataset):
         window = self.windows[i]
         n, shard_set = window.num_samples, self.reader.shard_set
         y = np.empty((n, *shard_set.label_shape), shard_set.y_dtype)
-        self.reader.read_into(window.segments, x.numpy()[:n], y, inverse_permutation(window.order))
+        self.reader.read_into(window.segments, x.numpy()[:n], y, inverse_permutation(window.order),
+                              threads=1)  # the workers are the parallelism
         return torch.from_numpy(y.astype(self.reader.label_dtype, copy=False))
 
 

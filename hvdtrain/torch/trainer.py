@@ -305,7 +305,7 @@ def start_horovod(cfg: Config) -> int:
     runtime.configure_horovod_env(cfg.horovod, elastic=runtime.elastic_launch())
     hvd.init()
     world.attach(hvd)
-    threads = runtime.threads_per_rank(world.local_size)
+    threads = world.cores
     torch.set_num_threads(threads)
     runtime.limit_numpy_threads(threads)
     return threads
