@@ -6,7 +6,9 @@ requested whole first with posix_fadvise WILLNEED: `dd bs=4M`) and, from a cold 
 (O_DIRECT reads of 16 MiB: `dd bs=16M iflag=direct`), whichever is faster. Both page-cache states are
 measured: cold (every file of the set evicted with posix_fadvise(DONTNEED) before each loader's pass: no
 root or drop_caches needed, and `fincore` confirms nothing stayed resident) and warm (after a full read;
-compared with memory bandwidth, one memcpy, too). Ratios come from the same run.
+compared with memory bandwidth, one memcpy, too). Warm, each loader is also set against as many
+sequential readers in parallel as it uses cores (its workers, or its copy threads). Ratios come from the
+same run.
 """
 from __future__ import annotations
 
