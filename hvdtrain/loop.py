@@ -172,8 +172,11 @@ class Start:
     world_size: Optional[int] = None  # of the checkpoint resumed from
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter, metrics: JsonlLog) -> Start:
-    """Rank 0: load the checkpoint to resume from (if any) and reset the metrics log to match it."""
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter, metrics: JsonlLog,
+                    last_step: float = float("inf")) -> Start:
+    """Rank 0: load the checkpoint to resume from (if any) and reset the metrics log to match it. A
+    checkpoint at or past `last_step` leaves nothing to train: refused before anything is rewritten, so a
+    finished run's summary, metrics and config stay as they are."""
     run_dir.mkdir(parents=True, exist_ok=True)
     start = Start()
     tried = checkpoints.candidates(run_dir, resume)
@@ -204,6 +207,11 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str, adapter: Adapter, m
     if start.resumed_from is None and resume == "none" and checkpoints.existing(run_dir):
         raise ConfigError(f"--run-dir {run_dir}: holds checkpoints of an earlier run; "
                           "continue it with --resume auto or choose a new run directory")
+    if start.resumed_from is not None and start.step >= last_step:
+        raise ConfigError(f"--run-dir {run_dir}: {Path(start.resumed_from).name} is at step {start.step} and this "
+                          f"config ends at step {last_step:.0f}: nothing to train (the run's outputs are left as "
+                          "they are); raise train.epochs or train.max_steps to continue it, or choose a new run "
+                          "directory")
     _trim_metrics(metrics, start.step)
     write_text(run_dir / "config.yaml", to_yaml(cfg))
     return start
@@ -313,7 +321,8 @@ class Trainer:
         if not world.is_root:
             return Start(), 0
         try:
-            return prepare_run_dir(self.cfg, self.run_dir, self.resume, self.adapter, self.metrics), 0
+            return prepare_run_dir(self.cfg, self.run_dir, self.resume, self.adapter, self.metrics,
+                                   getattr(self.schedule, "last_step", float("inf"))), 0
         except UserError as exc:
             self.failure = exc
             return Start(), exc.exit_code

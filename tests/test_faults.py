@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, hvdtrain, rank_processes, start
+from hvdtrain import checkpoints
 
 CONFIG = str(REPO / "configs/digits-torch.yaml")
 LONG = ["data.source=digits", "model.name=mlp", "train.max_steps=100000", "train.epochs=1000"]
@@ -155,8 +156,12 @@ def test_sigkill_while_checkpointing_leaves_an_intact_previous_checkpoint(tmp_pa
     resumed = hvdtrain("train", "--config", CONFIG, "--run-dir", str(tmp_path), *LONG[:2], "model.width=1024",
                        "checkpoint.every_steps=1", "checkpoint.keep=2", "train.max_steps=1", "train.epochs=1000",
                        check=False)
-    # max_steps=1 is below the checkpoint: nothing more to train, but it must load an intact checkpoint
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["resumed_from"] and "ckpt-" in summary["resumed_from"]
+    # max_steps=1 is below the checkpoint: it must load an intact checkpoint (a damaged newest one is
+    # skipped with a warning), then refuse to train, naming the checkpoint it loaded
+    assert resumed.returncode == 2, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    loaded = re.search(r"(ckpt-\d+\.pt) is at step (\d+) and this config ends at step 1: nothing to train",
+                       resumed.stderr)
+    assert loaded, resumed.stderr[-2000:]
+    assert checkpoints.damage(tmp_path / "checkpoints" / loaded[1]) is None
+    assert "Traceback" not in resumed.stdout + resumed.stderr
 

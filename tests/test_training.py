@@ -92,6 +92,22 @@ def test_fresh_run_refuses_a_used_run_dir(tmp_path):
     assert "holds checkpoints of an earlier run" in proc.stdout + proc.stderr
 
 
+def test_rerunning_a_finished_run_is_refused_and_leaves_its_outputs(tmp_path):
+    """A checkpoint at or past the config's last step leaves nothing to train: one line, exit 2, and the
+    finished run's summary, metrics and config are not replaced (they used to be, with an empty result)."""
+    args = ["train", "--config", CONFIG, "--run-dir", str(tmp_path), *EXACT, "train.max_steps=4"]
+    hvdtrain(*args)
+    outputs = {name: (tmp_path / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "config.yaml")}
+    for extra, np in (([], 1), (["train.max_steps=3"], 2)):  # the same config again; fewer steps, 2 ranks
+        proc = hvdtrain(*args, *extra, np=np, controller="mpi", check=False)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "ckpt-00000004.pt is at step 4 and this config ends at step" in proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert {name: (tmp_path / name).read_bytes() for name in outputs} == outputs
+    hvdtrain(*args[:-1], "train.max_steps=6")  # more steps: it continues
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_from"].endswith("ckpt-00000004.pt")
+
+
 # SIGTERM takes the same handler (hvdtrain/loop.py registers both signals in one loop): CI time
 @pytest.mark.parametrize("signame", ["SIGUSR1"])
 def test_stop_signal_checkpoints_then_resume_matches_a_straight_run(signame, tmp_path):
