@@ -123,15 +123,36 @@ def test_topk_sample_is_a_function_of_seed_and_key():
 def test_half_compressors_round_trip(x):
     from hvdtrain.torch.exchange import BF16Compressor, FP16Compressor
 
-    tensor = torch.from_numpy(x)
     for compressor, rtol in ((FP16Compressor, 1e-3), (BF16Compressor, 8e-3)):
+        tensor = torch.from_numpy(x.copy())
         packed, ctx = compressor.compress(tensor)
         assert packed.dtype == compressor.dtype
         restored = compressor.decompress(packed, ctx)
-        assert restored.dtype == torch.float32
-        assert torch.allclose(restored, tensor, rtol=rtol, atol=1e-3)
+        assert restored.dtype == torch.float32 and restored.data_ptr() == tensor.data_ptr()  # back in place
+        assert torch.allclose(restored, torch.from_numpy(x), rtol=rtol, atol=1e-3)
+        assert restored.equal(torch.from_numpy(x).to(compressor.dtype).float())  # exactly the cast's rounding
     ints = torch.arange(5)
     assert FP16Compressor.decompress(*FP16Compressor.compress(ints)).equal(ints)
+
+
+def test_fp16_compressor_reuses_its_buffers_but_never_one_in_flight():
+    """Horovod's overlapped exchange casts each gradient every step: the half buffers are kept per shape
+    (fresh ones page-fault on CPU), and two gradients of one shape in flight together get two buffers."""
+    from hvdtrain.torch.exchange import FP16Compressor
+
+    shape = (3, 517)  # a shape no other test uses: the buffers are the class's
+    first, second = torch.randn(shape), torch.randn(shape)
+    packed_first, ctx_first = FP16Compressor.compress(first)
+    packed_second, ctx_second = FP16Compressor.compress(second)
+    assert packed_first.data_ptr() != packed_second.data_ptr()
+    assert packed_first.equal(first.half()) and packed_second.equal(second.half())
+    FP16Compressor.decompress(packed_first, ctx_first)
+    FP16Compressor.decompress(packed_second, ctx_second)
+    again, ctx = FP16Compressor.compress(torch.ones(shape))
+    assert again.data_ptr() in (packed_first.data_ptr(), packed_second.data_ptr()) and again.equal(torch.ones(shape).half())
+    FP16Compressor.decompress(again, ctx)
+    other, ctx = FP16Compressor.compress(torch.ones(517, 3))  # another shape: its own buffer
+    assert other.shape == (517, 3) and other.data_ptr() not in (packed_first.data_ptr(), packed_second.data_ptr())
 
 
 CONFIG = str(REPO / "configs/digits-torch.yaml")
