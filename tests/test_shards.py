@@ -259,6 +259,14 @@ def test_copy_threads_read_exactly_what_one_thread_reads(tmp_path, monkeypatch, 
                          threads=1)
         assert np.array_equal(single_x, got) and np.array_equal(single_y, labels)
 
+    # a forked child (the parent's pool threads do not exist there) starts threads of its own
+    window = plan.windows(0)[0]
+    child = os.fork()
+    if child == 0:
+        got, _ = reader.read_window(window)
+        os._exit(0 if np.array_equal(got, x[plan.sample_ids(window) % 101]) and reader._pool is not None else 1)
+    assert os.waitpid(child, 0)[1] == 0
+
     monkeypatch.setattr(reader_module, "MIN_BYTES_PER_COPY_THREAD", 10**9)
     assert reader._threads_for(plan.windows(0)[0].segments) == 1  # too few bytes to split
     monkeypatch.setattr(reader_module, "MIN_BYTES_PER_COPY_THREAD", 1)

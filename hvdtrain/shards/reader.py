@@ -187,7 +187,7 @@ class ShardReader:
         self.allocate = small_page_empty  # the window buffers' allocator (page-locked memory on GPU nodes)
         self.copy_threads = 0  # threads copying a window (0: the rank's cores, at most MAX_COPY_THREADS)
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # least recently used first
-        self._opening = threading.Lock()  # copy threads open shards too
+        self._opening = threading.Lock()  # guards _open and _pool
         self._pid: Optional[int] = None
         self._keep: Optional[bool] = None  # see _keep_mapped
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -203,13 +203,24 @@ class ShardReader:
     def label_dtype(self) -> np.dtype:
         return self.task.label_dtype
 
-    def _shard(self, shard: int) -> _OpenShard:
+    def _own_process(self) -> None:
+        """Never use handles, or threads, from another process (a forked child has the parent's copies)."""
+        if self._pid != os.getpid():
+            self._open, self._pid, self._pool = OrderedDict(), os.getpid(), None
+
+    def _copy_pool(self) -> ThreadPoolExecutor:
         with self._opening:
+            self._own_process()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(MAX_COPY_THREADS - 1, thread_name_prefix="shard-copy")
+            return self._pool
+
+    def _shard(self, shard: int) -> _OpenShard:
+        with self._opening:  # copy threads open shards too
+            self._own_process()
             return self._open_shard(shard)
 
     def _open_shard(self, shard: int) -> _OpenShard:
-        if self._pid != os.getpid():  # never use handles, or threads, from another process
-            self._open, self._pid, self._pool = OrderedDict(), os.getpid(), None
         opened = self._open.get(shard)
         if opened is not None:
             self._open.move_to_end(shard)
@@ -319,11 +330,8 @@ class ShardReader:
         if threads <= 1:
             self._read_pieces(pieces, x, y)
             return int(starts[-1])
-        parts = split_evenly(pieces, threads)
-        self._shard(segments[0].shard)  # in a forked child, this forgets the parent's handles and threads
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(MAX_COPY_THREADS - 1, thread_name_prefix="shard-copy")
-        futures = [self._pool.submit(self._read_pieces, part, x, y) for part in parts[1:]]
+        parts, pool = split_evenly(pieces, threads), self._copy_pool()
+        futures = [pool.submit(self._read_pieces, part, x, y) for part in parts[1:]]
         try:
             self._read_pieces(parts[0], x, y)
         finally:
