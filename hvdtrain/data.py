@@ -218,7 +218,7 @@ class Dataset:
         readers = (ShardReader(self.train, self.task.name, self.num_classes),
                    ShardReader(self.test, self.task.name, self.num_classes))
         for reader in readers:
-            reader.copy_threads = self.cfg.read_threads
+            reader.read_threads = self.cfg.read_threads
         return readers
 
     def for_rank(self, batch_size: int, rank: int, size: int):

@@ -322,7 +322,7 @@ class Trainer:
             return Start(), 0
         try:
             return prepare_run_dir(self.cfg, self.run_dir, self.resume, self.adapter, self.metrics,
-                                   getattr(self.schedule, "last_step", float("inf"))), 0
+                                   self.schedule.last_step), 0
         except UserError as exc:
             self.failure = exc
             return Start(), exc.exit_code

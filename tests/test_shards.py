@@ -236,7 +236,7 @@ def test_copy_threads_read_exactly_what_one_thread_reads(tmp_path, monkeypatch, 
     shard_set = open_set(str(tmp_path / "part-*.h5"))
     monkeypatch.setattr(reader_module, "MIN_BYTES_PER_COPY_THREAD", 1)
     reader = ShardReader(shard_set)
-    reader.copy_threads = threads
+    reader.read_threads = threads
     names = []  # the thread of each part read
     copy = reader._read_pieces
 

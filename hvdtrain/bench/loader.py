@@ -290,15 +290,17 @@ def run(directory: Path, size_gb: float, batch: int, workers: list[int], naive_s
             line = (f"{state} workers={w}: hvdtrain / {name} = {ours / limit:.2f}x "
                     f"{targets.check(f'{state} workers={w} hvdtrain / sequential read', ours / limit, '>=', 0.9)}")
             if state == "warm":
-                later = _later_passes(results[f"hvdtrain shuffled, workers={w}"]) / _later_passes(results[name])
+                ours_later = _later_passes(results[f"hvdtrain shuffled, workers={w}"])
+                later = ours_later / _later_passes(results[name])
                 if later == later:  # not NaN: both ran more than one pass
                     ratios["vs_limit_after_first_pass"] = later
                     line += f"; after the first pass {later:.2f}x"
-                if readers[f"workers={w}"] > 1:
-                    same = results[f"{SEQUENTIAL}, {readers[f'workers={w}']} readers"]
+                count = readers[f"workers={w}"]
+                if count > 1:
+                    same = results[f"{SEQUENTIAL}, {count} readers"]
                     ratios["vs_same_readers"] = ours / same["samples_per_s"]
-                    line += f"; / {readers[f'workers={w}']} readers = {ratios['vs_same_readers']:.2f}x"
-                    later = _later_passes(results[f"hvdtrain shuffled, workers={w}"]) / _later_passes(same)
+                    line += f"; / {count} readers = {ratios['vs_same_readers']:.2f}x"
+                    later = ours_later / _later_passes(same)
                     if later == later:
                         ratios["vs_same_readers_after_first_pass"] = later
                         line += f" ({later:.2f}x after the first pass)"

@@ -29,10 +29,10 @@ import h5py
 import numpy as np
 
 from hvdtrain import tasks
-from hvdtrain.world import world
 from hvdtrain.errors import ConfigError
 from hvdtrain.shards.index import ShardSet, open_h5
 from hvdtrain.shards.plan import Segment, Window
+from hvdtrain.world import world
 
 PAGE = mmap.PAGESIZE
 MAX_COPY_THREADS = 4
@@ -61,8 +61,6 @@ def map_budget_bytes() -> int:
     ranks on the node. Mapped pages count in a process's RSS (top, Slurm's MaxRSS, RSS-based memory
     limits), though they are the page cache's; beyond the budget each window's pages are unmapped once
     copied, which costs a page fault per page at the next read (benchmarks/README.md has the cost)."""
-    from hvdtrain.world import world
-
     return os.sysconf("SC_PHYS_PAGES") * PAGE // (8 * max(1, world.local_size))
 
 
@@ -185,7 +183,7 @@ class ShardReader:
         self.task = tasks.get(task)
         self.num_classes = shard_set.num_classes if num_classes is None else num_classes
         self.allocate = small_page_empty  # the window buffers' allocator (page-locked memory on GPU nodes)
-        self.copy_threads = 0  # threads copying a window (0: the rank's cores, at most MAX_COPY_THREADS)
+        self.read_threads = 0  # data.read_threads: threads copying a window (0: see copy_threads)
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # least recently used first
         self._opening = threading.Lock()  # guards _open and _pool
         self._pid: Optional[int] = None
@@ -218,13 +216,10 @@ class ShardReader:
     def _shard(self, shard: int) -> _OpenShard:
         with self._opening:  # copy threads open shards too
             self._own_process()
-            return self._open_shard(shard)
-
-    def _open_shard(self, shard: int) -> _OpenShard:
-        opened = self._open.get(shard)
-        if opened is not None:
-            self._open.move_to_end(shard)
-        else:
+            opened = self._open.get(shard)
+            if opened is not None:
+                self._open.move_to_end(shard)
+                return opened
             info = self.shard_set.shards[shard]
             chunk_bytes = (info.chunk_samples or 1) * self.shard_set.sample_bytes
             # A chunk cache of a few chunks serves the partial chunks at block and window edges;
@@ -237,7 +232,7 @@ class ShardReader:
             self._open[shard] = opened
             while len(self._open) > open_shard_limit():
                 self._open.popitem(last=False)[1].close()
-        return opened
+            return opened
 
     @staticmethod
     def _raw_ranges(opened: _OpenShard, layout: Optional[RawLayout], item_bytes: int,
@@ -309,7 +304,7 @@ class ShardReader:
         more files than stay open (a thread could close a map another is copying from)."""
         if len({segment.shard for segment in segments}) > open_shard_limit():
             return 1
-        wanted = copy_threads(self.copy_threads)
+        wanted = copy_threads(self.read_threads)
         total = sum(len(segment) for segment in segments) * self.shard_set.sample_bytes
         return max(1, min(wanted, total // MIN_BYTES_PER_COPY_THREAD))
 

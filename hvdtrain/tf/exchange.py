@@ -26,7 +26,10 @@ from hvdtrain.world import world
 
 
 class FP16Compressor:
-    """Horovod's compressor interface: compress(tensor) -> (tensor, ctx); decompress(tensor, ctx)."""
+    """Horovod's compressor interface: compress(tensor) -> (tensor, ctx); decompress(tensor, ctx).
+
+    Unlike the torch adapter's, it keeps no buffers: inside TensorFlow's graph the cast's output is the
+    graph's to allocate."""
 
     dtype = tf.float16
 
